@@ -1,0 +1,55 @@
+"""bmt-comm: process topology, communicators (NCCL loaded at run time, or torch.distributed),
+CUDA streams and differentiable collectives for BMTrain."""
+
+from .collectives import all_gather, all_reduce, broadcast, recv_activations, reduce_scatter, send_activations
+from .communicator import Communicator, ReduceOp
+from .config import ConfigView, config
+from .context import Communicators, DistContext, get_context, is_initialized
+from .init import destroy, init_distributed
+from .objects import allgather_objects, broadcast_object
+from .streams import Streams, current_stream, record_stream, stream_context, wait_stream
+from .sync import gather_result, sum_loss, synchronize, wait_loader
+from .topology import GroupKind, Topology
+from .torch_communicator import TorchCommunicator
+from .utils import AverageRecorder, print_block, print_dict, print_rank, rank, round_up, see_memory, world_size
+
+__all__ = [
+    "AverageRecorder",
+    "Communicator",
+    "Communicators",
+    "ConfigView",
+    "DistContext",
+    "GroupKind",
+    "ReduceOp",
+    "Streams",
+    "Topology",
+    "TorchCommunicator",
+    "all_gather",
+    "all_reduce",
+    "allgather_objects",
+    "broadcast",
+    "broadcast_object",
+    "config",
+    "current_stream",
+    "destroy",
+    "gather_result",
+    "get_context",
+    "init_distributed",
+    "is_initialized",
+    "print_block",
+    "print_dict",
+    "print_rank",
+    "rank",
+    "record_stream",
+    "recv_activations",
+    "reduce_scatter",
+    "round_up",
+    "see_memory",
+    "send_activations",
+    "stream_context",
+    "sum_loss",
+    "synchronize",
+    "wait_loader",
+    "wait_stream",
+    "world_size",
+]

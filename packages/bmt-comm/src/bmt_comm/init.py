@@ -1,0 +1,243 @@
+"""``init_distributed``: process group, topology, communicators and streams."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .communicator import Communicator
+from .context import Communicators, DistContext, _set_context, get_context, is_initialized
+from .streams import make_streams
+from .topology import GroupKind, Topology
+from .torch_communicator import TorchCommunicator
+
+__all__ = ["init_distributed", "destroy", "LaunchEnv"]
+
+_DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What torchrun exports; defaults describe a lone process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @classmethod
+    def from_environ(cls) -> LaunchEnv:
+        def read(name: str, default: int) -> int:
+            raw = os.environ.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+        env = cls(
+            rank=read("RANK", 0),
+            world_size=read("WORLD_SIZE", 1),
+            local_rank=read("LOCAL_RANK", 0),
+            local_size=read("LOCAL_WORLD_SIZE", 1),
+        )
+        if not 0 <= env.rank < env.world_size:
+            raise ValueError(f"RANK ({env.rank}) must be in [0, WORLD_SIZE={env.world_size})")
+        return env
+
+
+def _select_backend(device: torch.device) -> str:
+    """NCCL through bmt's own binding on GPUs; BMT_COMM_BACKEND=torch forces torch.distributed."""
+    choice = os.environ.get("BMT_COMM_BACKEND", "auto").lower()
+    if choice not in ("auto", "nccl", "torch"):
+        raise ValueError(f"BMT_COMM_BACKEND must be auto, nccl or torch, got {choice!r}")
+    if device.type != "cuda":
+        if choice == "nccl":
+            raise RuntimeError("BMT_COMM_BACKEND=nccl needs CUDA, but no GPU is visible")
+        return "torch"
+    return "torch" if choice == "torch" else "nccl"
+
+
+def _ensure_default_group(env: LaunchEnv, init_method: str, device: torch.device) -> bool:
+    """Reuse torch's default group if the user made one, else create it. True if we created it."""
+    if dist.is_initialized():
+        if dist.get_world_size() != env.world_size and "WORLD_SIZE" in os.environ:
+            raise RuntimeError(
+                f"the existing torch.distributed group has world size {dist.get_world_size()} "
+                f"but WORLD_SIZE is {env.world_size}"
+            )
+        return False
+    # cpu:gloo serves objects and CPU tensors; cuda:nccl lets users run torch collectives next to bmt
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ and init_method == "env://":
+        # a lone process needs no rendezvous (and no port)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_DEFAULT_TIMEOUT)
+    else:
+        os.environ.setdefault("MASTER_ADDR", "localhost")
+        os.environ.setdefault("MASTER_PORT", "10010")
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=_DEFAULT_TIMEOUT,
+        )
+    return True
+
+
+def _default_store() -> dist.Store | None:
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # some backends have no store reachable
+        return None
+
+
+def _distinct_rank_sets(topo: Topology) -> list[tuple[int, ...]]:
+    """Every multi-rank group of every kind, once, in an order all ranks agree on."""
+    rank_sets: list[tuple[int, ...]] = []
+    for kind in GroupKind:
+        for ranks in topo.all_groups(kind):
+            if len(ranks) > 1 and ranks not in rank_sets:
+                rank_sets.append(ranks)
+    return rank_sets
+
+
+def _object_groups(topo: Topology, device: torch.device) -> dict[tuple[int, ...], dist.ProcessGroup]:
+    """A gloo group per rank set: pickled objects and CPU tensors travel on it, never on NCCL.
+
+    ``dist.new_group`` is collective over the world, so every rank creates every group.
+    """
+    groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    world = tuple(range(topo.world_size))
+    for ranks in _distinct_rank_sets(topo):
+        if ranks == world and device.type == "cpu" and dist.get_backend() == "gloo":
+            groups[ranks] = dist.group.WORLD  # type: ignore[assignment]
+            continue
+        pg = dist.new_group(list(ranks), backend="gloo")
+        if topo.rank in ranks:
+            groups[ranks] = pg
+    return groups
+
+
+def _build_communicators(
+    topo: Topology,
+    device: torch.device,
+    backend: str,
+    store: dist.Store | None,
+    object_groups: dict[tuple[int, ...], dist.ProcessGroup],
+) -> Communicators:
+    """One communicator per distinct rank set; kinds with the same members share it."""
+    mine: dict[tuple[int, ...], Communicator] = {}
+    for kind in GroupKind:
+        ranks = topo.group_ranks(kind)
+        if len(ranks) == 1:  # a group of one needs no transport: collectives are copies
+            mine.setdefault(ranks, TorchCommunicator(None, ranks, 0, device))
+    for index, ranks in enumerate(_distinct_rank_sets(topo)):
+        if topo.rank not in ranks:
+            continue
+        if backend == "nccl":
+            from .nccl import NcclCommunicator
+
+            if store is None:
+                raise RuntimeError("NCCL communicators need torch.distributed's default store")
+            mine[ranks] = NcclCommunicator.from_store(
+                store, f"bmt_nccl_uid/{index}", ranks, ranks.index(topo.rank), device
+            )
+        elif device.type == "cpu":
+            mine[ranks] = TorchCommunicator(object_groups[ranks], ranks, ranks.index(topo.rank), device)
+        else:  # torch transport on GPUs: the NCCL side of a mixed group
+            pg = dist.group.WORLD if len(ranks) == topo.world_size else dist.new_group(list(ranks))
+            mine[ranks] = TorchCommunicator(pg, ranks, ranks.index(topo.rank), device)
+    return Communicators(**{kind.value: mine[topo.group_ranks(kind)] for kind in GroupKind})
+
+
+def init_distributed(
+    init_method: str = "env://",
+    seed: int = 0,
+    pipe_size: int = -1,
+    num_micro_batches: int | None = None,
+    tp_size: int = 1,
+) -> None:
+    """Set up this process for BMTrain: process group, topology, communicators, streams, seeds.
+
+    Reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (and MASTER_ADDR/PORT) as torchrun sets
+    them; with none set, a one-process world. An existing torch.distributed default group is
+    reused. Every rank is seeded with the same ``seed``.
+    """
+    if is_initialized():
+        raise RuntimeError(
+            "init_distributed() was already called in this process; call bmt_comm.destroy() "
+            "first to re-initialize"
+        )
+    env = LaunchEnv.from_environ()
+    pipe_enabled = pipe_size > 0
+    pipe = pipe_size if pipe_enabled else 1
+    tp = tp_size if tp_size > 0 else 1
+    if dist.is_initialized():
+        env = LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.local_size)
+    topo = Topology(rank=env.rank, world_size=env.world_size, pipe_size=pipe, tp_size=tp)
+    micros = num_micro_batches if num_micro_batches is not None else pipe
+    if micros < 1:
+        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = _select_backend(device)
+    owns = _ensure_default_group(env, init_method, device)
+    store = _default_store()
+    object_groups = _object_groups(topo, device)
+    comms = _build_communicators(topo, device, backend, store, object_groups)
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+    _set_context(
+        DistContext(
+            rank=env.rank,
+            world_size=env.world_size,
+            local_rank=env.local_rank,
+            local_size=env.local_size,
+            device=device,
+            topology=topo,
+            comms=comms,
+            streams=make_streams(device),
+            backend=backend,
+            pipe_enabled=pipe_enabled,
+            micros=micros,
+            seed=seed,
+            owns_default_group=owns,
+            store=store,
+            object_groups=object_groups,
+        )
+    )
+
+
+def destroy() -> None:
+    """Release communicators (and torch's default group if ``init_distributed`` made it)."""
+    ctx = get_context()
+    for comm in ctx.comms.unique():
+        close = getattr(comm, "close", None)
+        if close is not None:
+            close()
+    for pg in ctx.object_groups.values():
+        if pg is not dist.group.WORLD and dist.is_initialized():
+            try:
+                dist.destroy_process_group(pg)
+            except (ValueError, RuntimeError):  # already destroyed with its communicator
+                pass
+    _set_context(None)
+    if ctx.owns_default_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,58 @@
+"""Host-level synchronisation and the reference's loss/result helpers."""
+
+from __future__ import annotations
+
+import torch
+
+from .communicator import Communicator, ReduceOp
+from .context import get_context
+from .streams import stream_context
+
+__all__ = ["synchronize", "wait_loader", "sum_loss", "gather_result"]
+
+
+def synchronize(comm: Communicator | None = None) -> None:
+    """Barrier over ``comm`` (the world by default) after all work this rank has queued.
+
+    Unlike the reference, the barrier stream first waits for the current (compute) stream, so the
+    barrier also orders against compute.
+    """
+    ctx = get_context()
+    comm = comm or ctx.comms.world
+    barrier = ctx.streams.barrier
+    if barrier is not None:
+        barrier.wait_stream(torch.cuda.current_stream(ctx.device))
+    with stream_context(barrier):
+        comm.barrier()
+    if barrier is not None:
+        barrier.synchronize()
+
+
+def wait_loader() -> None:
+    """Host waits for the last load (ZeRO gather) and the calc stream records the event again."""
+    streams = get_context().streams
+    if streams.load_event is None or streams.calc is None:
+        return
+    streams.load_event.synchronize()
+    streams.calc.record_event(streams.load_event)
+
+
+def sum_loss(loss: torch.Tensor, comm: Communicator | None = None) -> torch.Tensor:
+    """The **mean** of ``loss`` over ranks (the reference's misnamed helper), not differentiable."""
+    from .collectives import all_reduce
+
+    return all_reduce(loss.detach(), ReduceOp.AVG, comm)
+
+
+def gather_result(result: torch.Tensor, comm: Communicator | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``result`` on dim 0; the output stays on the input's device."""
+    ctx = get_context()
+    comm = comm or ctx.comms.world
+    src = result.detach().contiguous()
+    moved = src.device != comm.device
+    if moved:
+        src = src.to(comm.device)
+    out = torch.empty((comm.size * src.shape[0], *src.shape[1:]) if src.dim() else (comm.size,),
+                      dtype=src.dtype, device=src.device)
+    comm.all_gather(src, out)
+    return out.to(result.device) if moved else out

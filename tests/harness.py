@@ -1,0 +1,138 @@
+"""Multi-process test harness: N ranks on gloo, a FileStore in a temp dir, no fixed ports.
+
+Ranks are forked from a forkserver that has imported torch once, so a run costs a fork, not an
+interpreter start. The first rank that raises fails the run: the others are killed and the
+failing rank's traceback is shown. A run that does not finish in ``timeout`` seconds (a hung
+collective) is killed and reported with the ranks still missing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+PG_TIMEOUT_S = 60  # a collective waiting longer than this raises inside the rank
+RUN_TIMEOUT_S = 120  # the whole run, ranks' start included
+
+_CTX: Any = None
+
+
+def _context() -> Any:
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "bmt_comm"])
+    return _CTX
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    store_path: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    init_kwargs: dict[str, Any] | None,
+    env: dict[str, str],
+    results: Any,
+) -> None:
+    try:
+        os.environ.update(env)
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+        )
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)  # N ranks share 2 cores: oversubscription slows every collective
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+        )
+        import bmt_comm
+
+        if init_kwargs is not None:
+            bmt_comm.init_distributed(**init_kwargs)
+        out = fn(*args)
+        if init_kwargs is not None and bmt_comm.is_initialized():
+            bmt_comm.destroy()
+        dist.destroy_process_group()
+        results.put(("ok", rank, out))
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit
+        results.put(("error", rank, traceback.format_exc()))
+
+
+class DistributedTestError(AssertionError):
+    pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    init_kwargs: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` ranks and return each rank's result, by rank.
+
+    ``fn`` must be importable (a module-level function). Before it runs, each rank has a gloo
+    default group and, unless ``init_kwargs`` is None, ``bmt_comm.init_distributed(**init_kwargs)``.
+    """
+    if init_kwargs is None:
+        init_kwargs = {}
+    ctx = _context()
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="bmt-dist-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, world_size, store_path, fn, args, init_kwargs, env or {}, results),
+                daemon=True,
+            )
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        outputs: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(outputs) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(world_size)) - set(outputs))
+                    raise DistributedTestError(
+                        f"distributed run of {fn.__name__} timed out after {timeout:.0f}s; "
+                        f"ranks {missing} never finished (a hung collective?)"
+                    )
+                try:
+                    status, rank, payload = results.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode not in (None, 0)]
+                    if dead:
+                        time.sleep(0.5)  # let a just-written traceback arrive
+                        if results.empty():
+                            raise DistributedTestError(
+                                f"rank {dead[0]} of {fn.__name__} died with exit code "
+                                f"{procs[dead[0]].exitcode} and no traceback"
+                            ) from None
+                    continue
+                if status == "error":
+                    raise DistributedTestError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{payload}")
+                outputs[rank] = payload
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=5)
+            results.close()
+    return [outputs[r] for r in range(world_size)]
