@@ -11,7 +11,16 @@ from .streams import Streams, current_stream, record_stream, stream_context, wai
 from .sync import gather_result, sum_loss, synchronize, wait_loader
 from .topology import GroupKind, Topology
 from .torch_communicator import TorchCommunicator
-from .utils import AverageRecorder, print_block, print_dict, print_rank, rank, round_up, see_memory, world_size
+from .utils import (
+    AverageRecorder,
+    print_block,
+    print_dict,
+    print_rank,
+    rank,
+    round_up,
+    see_memory,
+    world_size,
+)
 
 __all__ = [
     "AverageRecorder",

@@ -115,35 +115,34 @@ class _Broadcast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # the reference's rule: every rank gets the sum, so replicated inputs stay replicated
         comm: Communicator = ctx.comm
         g = grad.contiguous().clone()
-        comm.reduce(g, ctx.root, ReduceOp.SUM)
-        if comm.rank != ctx.root:
-            g.zero_()  # only root's input reached the output
+        comm.all_reduce(g, ReduceOp.SUM)
         return g, None, None
 
 
 def all_gather(x: torch.Tensor, comm: Communicator | None = None) -> torch.Tensor:
     """Stack every rank's ``x``: shape ``(n, *x.shape)``. Backward keeps this rank's slice."""
-    out: torch.Tensor = _AllGather.apply(x, _comm(comm))
+    out: torch.Tensor = _AllGather.apply(x, _comm(comm))  # type: ignore[no-untyped-call]
     return out
 
 
 def all_reduce(x: torch.Tensor, op: ReduceOp | str = "sum", comm: Communicator | None = None) -> torch.Tensor:
     """Reduce over ranks (sum, avg, max, min, prod); returns a new tensor."""
-    out: torch.Tensor = _AllReduce.apply(x, ReduceOp.parse(op), _comm(comm))
+    out: torch.Tensor = _AllReduce.apply(x, ReduceOp.parse(op), _comm(comm))  # type: ignore[no-untyped-call]
     return out
 
 
 def reduce_scatter(x: torch.Tensor, op: ReduceOp | str = "sum", comm: Communicator | None = None) -> torch.Tensor:
     """Reduce over ranks and keep this rank's dim-0 block ``(x.shape[0] // n, ...)``."""
-    out: torch.Tensor = _ReduceScatter.apply(x, ReduceOp.parse(op), _comm(comm))
+    out: torch.Tensor = _ReduceScatter.apply(x, ReduceOp.parse(op), _comm(comm))  # type: ignore[no-untyped-call]
     return out
 
 
 def broadcast(x: torch.Tensor, root: int, comm: Communicator | None = None) -> torch.Tensor:
-    """Root's ``x`` on every rank; its gradient is the sum of all ranks' gradients, on root."""
-    out: torch.Tensor = _Broadcast.apply(x, root, _comm(comm))
+    """Root's ``x`` on every rank. Backward gives every rank the sum of all ranks' gradients."""
+    out: torch.Tensor = _Broadcast.apply(x, root, _comm(comm))  # type: ignore[no-untyped-call]
     return out
 
 
@@ -166,6 +165,11 @@ def recv_activations(prev_rank: int, comm: Communicator) -> torch.Tensor:
     header = torch.empty(_HEADER, dtype=torch.int32, device=comm.device)
     comm.recv(header, prev_rank)
     h = header.tolist()
+    if not (0 <= h[0] <= _HEADER - 2 and 0 <= h[1] < len(DTYPES)):
+        raise RuntimeError(
+            f"recv_activations got a bad header (ndim {h[0]}, dtype index {h[1]}) from rank {prev_rank}: "
+            f"the peer must call send_activations"
+        )
     shape = tuple(h[2 : 2 + h[0]])
     out = torch.empty(shape, dtype=DTYPES[h[1]], device=comm.device)
     comm.recv(out, prev_rank)

@@ -29,6 +29,8 @@ class ReduceOp(str, Enum):
     def parse(cls, op: ReduceOp | str) -> ReduceOp:
         if isinstance(op, ReduceOp):
             return op
+        if not isinstance(op, str):
+            raise TypeError(f"reduce op must be a ReduceOp or a string, got {type(op).__name__} {op!r}")
         try:
             return cls(op.lower())
         except ValueError:

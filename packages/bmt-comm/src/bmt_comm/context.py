@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Store
 
 from .communicator import Communicator
 from .streams import Streams
@@ -60,7 +61,7 @@ class DistContext:
     micros: int  # pipeline micro-batches
     seed: int
     owns_default_group: bool  # we created torch's default group, so destroy() tears it down
-    store: dist.Store | None
+    store: Store | None
     object_groups: dict[tuple[int, ...], dist.ProcessGroup]  # gloo groups for pickled objects
     settings: Settings = field(default_factory=Settings)
 

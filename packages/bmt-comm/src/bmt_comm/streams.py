@@ -29,11 +29,11 @@ def make_streams(device: torch.device) -> Streams:
     with torch.cuda.device(device):
         return Streams(
             calc=torch.cuda.current_stream(),
-            load=torch.cuda.Stream(priority=-1),
-            tp_comm=torch.cuda.Stream(priority=-1),
-            pp_comm=torch.cuda.Stream(priority=-1),
-            barrier=torch.cuda.Stream(),
-            load_event=torch.cuda.Event(),
+            load=torch.cuda.Stream(priority=-1),  # type: ignore[no-untyped-call]
+            tp_comm=torch.cuda.Stream(priority=-1),  # type: ignore[no-untyped-call]
+            pp_comm=torch.cuda.Stream(priority=-1),  # type: ignore[no-untyped-call]
+            barrier=torch.cuda.Stream(),  # type: ignore[no-untyped-call]
+            load_event=torch.cuda.Event(),  # type: ignore[no-untyped-call]
         )
 
 

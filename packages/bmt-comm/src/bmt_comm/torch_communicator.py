@@ -19,6 +19,12 @@ _TORCH_OPS = {
     ReduceOp.MIN: dist.ReduceOp.MIN,
 }
 
+# dtypes gloo and torch's NCCL group both reduce natively (bool is reduced as uint8, see _as_reducible)
+_REDUCIBLE = (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool,
+)
+
 # torch 2.13 renamed the tensor-in/tensor-out collectives; 2.11 only has the old names.
 _all_gather_single: Callable[..., object] = getattr(
     dist, "all_gather_single", dist.all_gather_into_tensor
@@ -28,11 +34,30 @@ _reduce_scatter_single: Callable[..., object] = getattr(
 )
 
 
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat view that moves any dtype: gloo has no int16/uint16/complex/float8, bytes it has."""
+    flat = t.view(-1)
+    return flat if flat.dtype in _REDUCIBLE else flat.view(torch.uint8)
+
+
+def _check_reducible(what: str, t: torch.Tensor) -> None:
+    if t.dtype not in _REDUCIBLE:
+        raise TypeError(
+            f"{what} over torch.distributed supports dtypes {[str(d) for d in _REDUCIBLE]}, got {t.dtype}"
+        )
+
+
+def _bool_op(op: ReduceOp) -> ReduceOp:
+    """bool reductions as uint8: sum/avg/max are a logical or, min/prod a logical and."""
+    return ReduceOp.MAX if op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.AVG) else ReduceOp.MIN
+
+
 class TorchCommunicator(Communicator):
     """A group of ranks backed by a torch ProcessGroup.
 
     Calls are synchronous for gloo. Point-to-point calls made inside :meth:`group` are posted
     together at its end (``batch_isend_irecv``), so paired sends and receives cannot deadlock.
+    ``process_group`` is None for a group of one, where every collective is a copy.
     """
 
     def __init__(
@@ -41,12 +66,18 @@ class TorchCommunicator(Communicator):
         global_ranks: tuple[int, ...],
         rank: int,
         device: torch.device,
+        owns_group: bool = False,
     ) -> None:
+        if not 0 <= rank < len(global_ranks):
+            raise ValueError(f"rank ({rank}) must be in [0, {len(global_ranks)}) for ranks {global_ranks}")
+        if process_group is None and len(global_ranks) > 1:
+            raise ValueError(f"a group of {len(global_ranks)} ranks needs a process group")
         self._pg = process_group
         self._ranks = global_ranks
         self._rank = rank
         self._device = device
-        self._pending_p2p: list[dist.P2POp] | None = None
+        self._owns_group = owns_group  # close() destroys the group only if we made it for this communicator
+        self._pending_p2p: list[dist.P2POp] | None = None  # set inside group(): p2p ops wait to be posted
 
     @property
     def rank(self) -> int:
@@ -69,13 +100,23 @@ class TorchCommunicator(Communicator):
         return self._pg
 
     def close(self) -> None:
-        """Destroy the sub-group this communicator created (never torch's default group)."""
-        if self._pg is not None and self._pg is not dist.group.WORLD and dist.is_initialized():
-            dist.destroy_process_group(self._pg)
-        self._pg = None
+        """Destroy the group if this communicator owns it (never torch's default group)."""
+        pg, self._pg = self._pg, None
+        if (
+            self._owns_group
+            and pg is not None
+            and pg is not dist.group.WORLD
+            and dist.is_initialized()
+        ):
+            dist.destroy_process_group(pg)
+
+    def _live_group(self) -> dist.ProcessGroup | None:
+        if self._pg is None and self.size > 1:
+            raise RuntimeError(f"{self!r} was closed (bmt_comm.destroy()); it can run no more collectives")
+        return self._pg
 
     # --- helpers -----------------------------------------------------------------------
-    # AVG is SUM then a division: gloo has no AVG for integers (truncating, as NCCL's does)
+    # AVG is SUM then a division: gloo has no AVG, and none for integers (truncating, as NCCL's does)
     def _finish_avg(self, t: torch.Tensor) -> None:
         if t.is_floating_point():
             t.div_(self.size)
@@ -90,37 +131,38 @@ class TorchCommunicator(Communicator):
         if self.size == 1:
             output.view(-1).copy_(input.view(-1))
             return
-        _all_gather_single(output.view(-1), input.view(-1), group=self._pg)
+        _all_gather_single(_as_bytes(output), _as_bytes(input), group=self._live_group())
 
     def _reduce_scatter(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp) -> None:
-        if self.size == 1:
-            output.view(-1).copy_(input.view(-1))
-            return
+        _check_reducible(f"reduce_scatter({op.value})", input)
         out = output.view(-1)
         inp = input.view(-1)
+        if self.size == 1:
+            out.copy_(inp)
+            return
+        pg = self._live_group()
         if input.dtype == torch.bool:
-            # gloo has no bool reduction; reduce as uint8 (sum/max -> or, min/prod -> and)
             tmp = torch.empty_like(out, dtype=torch.uint8)
-            bool_op = ReduceOp.MAX if op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.AVG) else ReduceOp.MIN
-            _reduce_scatter_single(tmp, inp.to(torch.uint8), op=_TORCH_OPS[bool_op], group=self._pg)
+            _reduce_scatter_single(tmp, inp.to(torch.uint8), op=_TORCH_OPS[_bool_op(op)], group=pg)
             out.copy_(tmp.bool())
             return
-        _reduce_scatter_single(out, inp, op=self._torch_op(op), group=self._pg)
+        _reduce_scatter_single(out, inp, op=self._torch_op(op), group=pg)
         if op is ReduceOp.AVG:
             self._finish_avg(out)
 
     def _all_reduce(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp) -> None:
+        _check_reducible(f"all_reduce({op.value})", input)
         if output.data_ptr() != input.data_ptr():
             output.copy_(input.view_as(output))
         if self.size == 1:
             return
+        pg = self._live_group()
         if output.dtype == torch.bool:
             tmp = output.to(torch.uint8)
-            bool_op = ReduceOp.MAX if op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.AVG) else ReduceOp.MIN
-            dist.all_reduce(tmp, op=_TORCH_OPS[bool_op], group=self._pg)
+            dist.all_reduce(tmp, op=_TORCH_OPS[_bool_op(op)], group=pg)
             output.copy_(tmp.bool())
             return
-        dist.all_reduce(output, op=self._torch_op(op), group=self._pg)
+        dist.all_reduce(output, op=self._torch_op(op), group=pg)
         if op is ReduceOp.AVG:
             self._finish_avg(output)
 
@@ -129,18 +171,24 @@ class TorchCommunicator(Communicator):
             output.copy_(input.view_as(output))
         if self.size == 1:
             return
-        dist.broadcast(output, src=self._ranks[root], group=self._pg)
+        dist.broadcast(_as_bytes(output), src=self._ranks[root], group=self._live_group())
 
     def _reduce(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp, root: int) -> None:
-        # torch's reduce clobbers the input on non-root ranks; work on a scratch copy there
-        work = output if output.data_ptr() != input.data_ptr() else input
-        if work is not input:
-            work.copy_(input.view_as(work))
+        _check_reducible(f"reduce({op.value})", input)
+        in_place = output.data_ptr() == input.data_ptr()
+        if not in_place:
+            output.copy_(input.view_as(output))
         if self.size == 1:
             return
-        if self.rank != root and work is input:
-            work = input.clone()
-        dist.reduce(work, dst=self._ranks[root], op=self._torch_op(op), group=self._pg)
+        pg = self._live_group()
+        # torch's reduce clobbers its buffer on non-root ranks: keep an in-place input intact there
+        work = input.clone() if in_place and self.rank != root else output
+        if work.dtype == torch.bool:
+            tmp = work.to(torch.uint8)
+            dist.reduce(tmp, dst=self._ranks[root], op=_TORCH_OPS[_bool_op(op)], group=pg)
+            work.copy_(tmp.bool())
+            return
+        dist.reduce(work, dst=self._ranks[root], op=self._torch_op(op), group=pg)
         if self.rank == root and op is ReduceOp.AVG:
             self._finish_avg(work)
 
@@ -151,7 +199,7 @@ class TorchCommunicator(Communicator):
         self._p2p(dist.irecv, tensor, peer)
 
     def _p2p(self, fn: Callable[..., object], tensor: torch.Tensor, peer: int) -> None:
-        op = dist.P2POp(fn, tensor, self._ranks[peer], group=self._pg)
+        op = dist.P2POp(fn, _as_bytes(tensor), self._ranks[peer], group=self._live_group())
         if self._pending_p2p is not None:
             self._pending_p2p.append(op)
             return
