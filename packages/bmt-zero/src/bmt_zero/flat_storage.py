@@ -1,0 +1,467 @@
+"""Flat sharded storage: a set of parameters kept as one contiguous buffer per kind, split over a group.
+
+For the parameters of one unit (a Block), one buffer is built per (dtype, requires_grad, group):
+parameters are laid out in order, each offset aligned to 512 bytes, the total padded so that it
+splits evenly (and 512-byte aligned) over the communicator. Each rank owns one contiguous
+partition, held by an internal flat ``torch.nn.Parameter`` (what an optimizer sees); the original
+parameters' ``.data`` become 1-D views into it. ``gather`` fills a full buffer with one all-gather
+per flat buffer (the parameters become views of it), ``release`` frees it, and
+``reduce_scatter_grads`` sums full gradients over the group into the flat shard's ``.grad``,
+accumulating until the gradients are zeroed.
+
+The full buffer keeps one storage for its whole life and is resized to zero bytes when released,
+so tensors that autograd saved as views of a parameter stay valid once it is gathered again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import bmt_comm
+import torch
+from bmt_comm import Communicator
+
+from .parameter import DistributedParameter
+
+__all__ = [
+    "ALIGN_BYTES",
+    "BufferKey",
+    "BufferState",
+    "FlatBuffer",
+    "FlatLayout",
+    "FlatSlot",
+    "FlatStorage",
+    "plan_layout",
+]
+
+ALIGN_BYTES = 512
+_BUILD_CHUNK_BYTES = 1 << 28  # construction stages at most this many bytes per collective
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+class BufferState(Enum):
+    RELEASED = "released"  # the full buffer holds no memory
+    GATHERING = "gathering"  # an all-gather is queued on the load stream; consumers must wait for it
+    GATHERED = "gathered"  # the full buffer is valid for work queued on the current stream
+
+
+@dataclass(frozen=True)
+class BufferKey:
+    """What parameters must share to live in one flat buffer."""
+
+    dtype: torch.dtype
+    requires_grad: bool
+    group: str | None
+    tp_mode: bool = False  # tensor-parallel params use another communicator (tp_zero)
+
+    @property
+    def name(self) -> str:
+        """The reference's key, e.g. ``float16_grad`` or ``float32_nograd_g_embed``."""
+        name = f"{str(self.dtype).removeprefix('torch.')}_{'grad' if self.requires_grad else 'nograd'}"
+        if self.group is not None:
+            name += f"_g_{self.group}"
+        if self.tp_mode and self.group != "tp":
+            name += "_tp"
+        return name
+
+    @classmethod
+    def of(cls, param: DistributedParameter) -> BufferKey:
+        return cls(param.dtype, param.requires_grad, param._group, param._tp_mode)
+
+
+@dataclass(frozen=True)
+class FlatSlot:
+    """One parameter's place in the full flat buffer: elements ``[offset, offset + numel)``."""
+
+    name: str
+    shape: torch.Size
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def local_range(self, part_start: int, part_end: int) -> tuple[int, int]:
+        """Element range of the flattened parameter inside partition ``[part_start, part_end)``;
+        ``start == end`` when the partition holds none of it."""
+        start = min(max(part_start - self.offset, 0), self.numel)
+        end = min(max(part_end - self.offset, 0), self.numel)
+        return start, max(start, end)
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each parameter of one buffer lives, and how the buffer splits over ``world`` ranks."""
+
+    key: BufferKey
+    slots: tuple[FlatSlot, ...]
+    total: int  # padded: a multiple of world * alignment
+    world: int
+
+    @property
+    def partition_numel(self) -> int:
+        return self.total // self.world
+
+    def partition(self, rank: int) -> tuple[int, int]:
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank ({rank}) must be in [0, {self.world})")
+        return rank * self.partition_numel, (rank + 1) * self.partition_numel
+
+
+def plan_layout(key: BufferKey, named_shapes: Sequence[tuple[str, torch.Size]], world: int) -> FlatLayout:
+    """Offsets aligned to ``ALIGN_BYTES``; total padded to a multiple of ``world`` aligned partitions."""
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    itemsize = torch.empty(0, dtype=key.dtype).element_size()
+    align = max(1, ALIGN_BYTES // itemsize)
+    slots: list[FlatSlot] = []
+    end = 0
+    for name, shape in named_shapes:
+        offset = _round_up(end, align)
+        slots.append(FlatSlot(name, torch.Size(shape), offset))
+        end = offset + slots[-1].numel
+    return FlatLayout(key, tuple(slots), _round_up(end, world * align), world)
+
+
+class FlatBuffer:
+    """The flat storage of the parameters sharing one ``BufferKey``."""
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        params: Sequence[DistributedParameter],
+        comm: Communicator,
+        build_chunk_numel: int | None = None,
+    ) -> None:
+        if len(params) != len(layout.slots) or comm.size != layout.world:
+            raise ValueError(
+                f"layout of {len(layout.slots)} params over {layout.world} ranks does not match "
+                f"{len(params)} params over a group of {comm.size}"
+            )
+        self.layout = layout
+        self.comm = comm
+        self.params = list(params)
+        self.device = comm.device
+        key = layout.key
+        part_start, part_end = layout.partition(comm.rank)
+        self.local_ranges = [slot.local_range(part_start, part_end) for slot in layout.slots]
+        shard = torch.zeros(layout.partition_numel, dtype=key.dtype, device=self.device)
+        self.shard = torch.nn.Parameter(shard, requires_grad=key.requires_grad)
+        self.shard._bmt_flat_key = key.name  # type: ignore[attr-defined]
+        self._fill_shard(build_chunk_numel)
+        # one storage for the buffer's whole life: views made now stay valid across release/gather
+        self._full = torch.empty(layout.total, dtype=key.dtype, device=self.device)
+        self._full_views = [self._full[s.offset : s.offset + s.numel].view(s.shape) for s in layout.slots]
+        self._full.untyped_storage().resize_(0)
+        self._shard_views = [
+            self.shard.detach()[slot.offset + lo - part_start : slot.offset + hi - part_start]
+            for slot, (lo, hi) in zip(layout.slots, self.local_ranges, strict=True)
+        ]
+        self._stashed_grads: list[torch.Tensor | None] = [None] * len(self.params)
+        self._event: torch.cuda.Event | None = None
+        self.state = BufferState.RELEASED
+        for p, view, (lo, hi) in zip(self.params, self._shard_views, self.local_ranges, strict=True):
+            p.grad = None  # a gradient of the old shard has no place in the flat storage
+            p.data = view
+            p._in_block = True
+            p._start_partition, p._end_partition = lo, hi
+
+    # --- construction ------------------------------------------------------------------
+    def _fill_shard(self, chunk_numel: int | None) -> None:
+        """Move every parameter's existing shard to its place in this rank's partition.
+
+        Parameters sharded over this buffer's communicator take part in a reduce-scatter of
+        zero-padded pieces (each element is non-zero on one rank only, so the sum is exact), in
+        chunks of at most ``chunk_numel`` output elements; no full tensor is ever built. Others
+        (sharded over another group) are all-gathered one at a time and their slice is kept.
+        """
+        itemsize = self.shard.element_size()
+        chunk = chunk_numel or max(1, _BUILD_CHUNK_BYTES // (itemsize * self.comm.size))
+        n, part = self.comm.size, self.layout.partition_numel
+        shard = self.shard.detach()
+        direct = [(s, p) for s, p in zip(self.layout.slots, self.params, strict=True) if p._zero_comm is self.comm]
+        if direct and part:
+            for c0 in range(0, part, chunk):
+                c1 = min(part, c0 + chunk)
+                width = c1 - c0
+                staged = torch.zeros(n * width, dtype=shard.dtype, device=self.device)
+                for slot, p in direct:
+                    a = slot.offset + p._start_partition
+                    b = slot.offset + p._end_partition
+                    src = p.detach().reshape(-1)
+                    for q in range(n):
+                        w0 = q * part + c0
+                        lo, hi = max(a, w0), min(b, w0 + width)
+                        if lo < hi:
+                            staged[q * width + lo - w0 : q * width + hi - w0].copy_(src[lo - a : hi - a])
+                self.comm.reduce_scatter(staged, shard[c0:c1], "sum")
+        part_start = self.layout.partition(self.comm.rank)[0]
+        for slot, p, (lo, hi) in zip(self.layout.slots, self.params, self.local_ranges, strict=True):
+            if p._zero_comm is self.comm:
+                continue
+            full = _gather_param(p)
+            dst = slot.offset + lo - part_start
+            shard[dst : dst + hi - lo].copy_(full[lo:hi])
+
+    # --- gather / release --------------------------------------------------------------
+    def gather_async(self, force: bool = False) -> None:
+        """Queue the all-gather of the full buffer on the load stream (no-op if already there,
+        unless ``force``: then gather again into the held memory, e.g. after an update)."""
+        if self.state is not BufferState.RELEASED and not force:
+            return
+        if self.layout.total == 0:
+            self.state = BufferState.GATHERED
+            return
+        if self.state is BufferState.RELEASED:
+            # allocated on the current (compute) stream, so freeing it there later is stream-ordered
+            self._full.untyped_storage().resize_(self._full.numel() * self._full.element_size())
+        streams = bmt_comm.get_context().streams
+        current = bmt_comm.current_stream(self.device)
+        # the load stream must not overwrite memory that queued compute still reads, nor read a stale shard
+        bmt_comm.wait_stream(streams.load, current)
+        with bmt_comm.stream_context(streams.load):
+            self.comm.all_gather(self.shard.detach(), self._full)
+            if streams.load is not None:
+                if self._event is None:
+                    self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                self._event.record(streams.load)
+        self.state = BufferState.GATHERING if streams.load is not None else BufferState.GATHERED
+
+    def wait(self) -> None:
+        """Make the current stream wait for the gather (queueing it first if needed)."""
+        if self.state is BufferState.RELEASED:
+            self.gather_async()
+        if self.state is BufferState.GATHERING:
+            stream = bmt_comm.current_stream(self.device)
+            if stream is not None and self._event is not None:
+                stream.wait_event(self._event)
+            self.state = BufferState.GATHERED
+
+    def release(self) -> None:
+        """Free the full buffer's memory (params must be bound to their shards)."""
+        if self.state is BufferState.RELEASED:
+            return
+        self.wait()  # never free memory that a queued all-gather still writes
+        self._full.untyped_storage().resize_(0)
+        self.state = BufferState.RELEASED
+
+    # --- binding -----------------------------------------------------------------------
+    def bind_full(self, grads: torch.Tensor | None = None) -> None:
+        """Params become full views of the gathered buffer; with ``grads`` (a full gradient
+        buffer) their ``.grad`` become views of it, so autograd accumulates there."""
+        if self.state is not BufferState.GATHERED:
+            raise RuntimeError(f"flat buffer {self.layout.key.name} must be gathered before binding, is {self.state.value}")
+        grad_views = None if grads is None else self._views_of(grads)
+        for i, p in enumerate(self.params):
+            self._stashed_grads[i] = p.grad
+            p.grad = None
+            p.data = self._full_views[i]
+            if grad_views is not None and p.requires_grad:
+                p.grad = grad_views[i]
+
+    def bind_shard(self) -> None:
+        """Params become views of this rank's shard again (their shard gradients restored)."""
+        for i, p in enumerate(self.params):
+            p.grad = None
+            p.data = self._shard_views[i]
+            p.grad = self._stashed_grads[i]
+            self._stashed_grads[i] = None
+
+    def full_view(self, index: int) -> torch.Tensor:
+        if self.state is not BufferState.GATHERED:
+            raise RuntimeError(f"flat buffer {self.layout.key.name} is {self.state.value}, not gathered")
+        return self._full_views[index]
+
+    def _views_of(self, full: torch.Tensor) -> list[torch.Tensor]:
+        return [full[s.offset : s.offset + s.numel].view(s.shape) for s in self.layout.slots]
+
+    # --- gradients ---------------------------------------------------------------------
+    def new_full_grad(self) -> torch.Tensor:
+        """A zeroed full-size gradient buffer (on the current stream)."""
+        return torch.zeros(self.layout.total, dtype=self.layout.key.dtype, device=self.device)
+
+    def reduce_scatter_grad(self, full_grad: torch.Tensor) -> None:
+        """Sum ``full_grad`` over the group into the shard's ``.grad`` (on the load stream).
+
+        Accumulates onto the existing gradient. A parameter whose ``.grad`` was set to None (or
+        replaced) since the last call starts from zero, as does everything when the flat
+        parameter's ``.grad`` is None. Each parameter's ``.grad`` is then a view of the shard's.
+        """
+        grad = self._attach_grads()
+        if self.layout.total == 0:
+            return
+        streams = bmt_comm.get_context().streams
+        # gradients were produced on the current stream; the reduce-scatter must follow them
+        bmt_comm.wait_stream(streams.load, bmt_comm.current_stream(self.device))
+        with bmt_comm.stream_context(streams.load):
+            part = torch.empty(self.layout.partition_numel, dtype=grad.dtype, device=self.device)
+            self.comm.reduce_scatter(full_grad, part, "sum")
+            grad.add_(part)
+            bmt_comm.record_stream(full_grad, streams.load)
+
+    def _attach_grads(self) -> torch.Tensor:
+        if self.shard.grad is None:
+            self.shard.grad = torch.zeros_like(self.shard.detach())
+        grad = self.shard.grad
+        part_start = self.layout.partition(self.comm.rank)[0]
+        for slot, p, (lo, hi) in zip(self.layout.slots, self.params, self.local_ranges, strict=True):
+            if not p.requires_grad:
+                continue
+            dst = slot.offset + lo - part_start
+            if not _is_view_at(p.grad, grad, dst, hi - lo):
+                grad[dst : dst + hi - lo].zero_()
+                p.grad = grad[dst : dst + hi - lo]
+        return grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if set_to_none:
+            self.shard.grad = None
+            for p in self.params:
+                p.grad = None
+        elif self.shard.grad is not None:
+            self.shard.grad.zero_()
+
+    # --- checkpoint values -------------------------------------------------------------
+    def load_full(self, index: int, full: torch.Tensor) -> None:
+        """Keep this rank's part of parameter ``index``'s full value."""
+        slot = self.layout.slots[index]
+        if full.shape != slot.shape:
+            raise ValueError(
+                f"parameter '{slot.name}' has shape {tuple(slot.shape)}, got a tensor of shape {tuple(full.shape)}"
+            )
+        lo, hi = self.local_ranges[index]
+        src = full.detach().reshape(-1)[lo:hi].to(device=self.device, dtype=self.layout.key.dtype)
+        with torch.no_grad():
+            self._shard_views[index].copy_(src)
+
+
+def _is_view_at(t: torch.Tensor | None, base: torch.Tensor, offset: int, numel: int) -> bool:
+    if t is None:
+        return False
+    if numel == 0:
+        return t.numel() == 0
+    return (
+        t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        and t.storage_offset() == base.storage_offset() + offset
+        and t.numel() == numel
+    )
+
+
+def _gather_param(p: DistributedParameter) -> torch.Tensor:
+    """The flattened full value of a (not yet flat-stored) parameter, from its own group."""
+    part, comm = p._partition, p._zero_comm
+    src = torch.zeros(part.shard_numel, dtype=p.dtype, device=comm.device)
+    src[: part.local_numel].copy_(p.detach().reshape(-1))
+    out = torch.empty(part.padded_numel, dtype=p.dtype, device=comm.device)
+    comm.all_gather(src, out)
+    return out[: part.numel]
+
+
+class FlatStorage:
+    """The flat buffers of a set of parameters, one per ``BufferKey`` in order of first appearance."""
+
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, DistributedParameter]],
+        comm_for: Callable[[DistributedParameter], Communicator],
+        build_chunk_numel: int | None = None,
+    ) -> None:
+        groups: dict[BufferKey, list[tuple[str, DistributedParameter]]] = {}
+        for name, p in named_params:
+            if not isinstance(p, DistributedParameter):
+                raise TypeError(f"flat storage holds DistributedParameters; '{name}' is {type(p).__name__}")
+            if p._in_block:
+                raise ValueError(f"parameter '{name}' already lives in another flat storage (a Block)")
+            groups.setdefault(BufferKey.of(p), []).append((name, p))
+        self.buffers: list[FlatBuffer] = []
+        self._where: dict[str, tuple[FlatBuffer, int]] = {}
+        for key, members in groups.items():
+            comms = {id(comm_for(p)): comm_for(p) for _, p in members}
+            if len(comms) != 1:
+                raise ValueError(f"parameters of flat buffer {key.name} use {len(comms)} different communicators")
+            comm = next(iter(comms.values()))
+            layout = plan_layout(key, [(name, p._original_shape) for name, p in members], comm.size)
+            buf = FlatBuffer(layout, [p for _, p in members], comm, build_chunk_numel)
+            self.buffers.append(buf)
+            for i, (name, _) in enumerate(members):
+                self._where[name] = (buf, i)
+
+    @property
+    def state(self) -> BufferState:
+        """RELEASED / GATHERED if every buffer is; GATHERING if any gather is still in flight."""
+        states = {b.state for b in self.buffers}
+        if BufferState.GATHERING in states:
+            return BufferState.GATHERING
+        if BufferState.RELEASED in states:
+            return BufferState.RELEASED
+        return BufferState.GATHERED
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def named_parameters(self) -> Iterator[tuple[str, DistributedParameter]]:
+        for name, (buf, i) in self._where.items():
+            yield name, buf.params[i]
+
+    def gather_async(self, force: bool = False) -> None:
+        for b in self.buffers:
+            b.gather_async(force)
+
+    def wait(self) -> None:
+        for b in self.buffers:
+            b.wait()
+
+    def release(self) -> None:
+        for b in self.buffers:
+            b.release()
+
+    def bind_full(self, grads: Sequence[torch.Tensor | None] | None = None) -> None:
+        for i, b in enumerate(self.buffers):
+            b.bind_full(None if grads is None else grads[i])
+
+    def bind_shard(self) -> None:
+        for b in self.buffers:
+            b.bind_shard()
+
+    def new_full_grads(self) -> list[torch.Tensor | None]:
+        """A zeroed full gradient buffer per flat buffer that takes gradients (None for frozen)."""
+        return [b.new_full_grad() if b.layout.key.requires_grad else None for b in self.buffers]
+
+    def reduce_scatter_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
+        for b, g in zip(self.buffers, grads, strict=True):
+            if g is not None:
+                b.reduce_scatter_grad(g)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for b in self.buffers:
+            b.zero_grad(set_to_none)
+
+    def flat_parameters(self) -> list[torch.nn.Parameter]:
+        return [b.shard for b in self.buffers]
+
+    def grouped_parameters(self) -> Iterator[tuple[str | None, list[torch.nn.Parameter]]]:
+        """``(group, [flat shard params])`` per parameter group, in order of first appearance."""
+        by_group: dict[str | None, list[torch.nn.Parameter]] = {}
+        for b in self.buffers:
+            by_group.setdefault(b.layout.key.group, []).append(b.shard)
+        yield from by_group.items()
+
+    def full_tensor(self, name: str) -> torch.Tensor:
+        """The gathered full value of parameter ``name`` (a view: valid until released)."""
+        buf, i = self._lookup(name)
+        return buf.full_view(i)
+
+    def load_full(self, name: str, full: torch.Tensor) -> None:
+        buf, i = self._lookup(name)
+        buf.load_full(i, full)
+
+    def _lookup(self, name: str) -> tuple[FlatBuffer, int]:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise KeyError(f"no parameter named '{name}' in this flat storage") from None
