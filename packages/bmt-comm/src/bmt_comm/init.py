@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import HashStore, Store
 
 from .communicator import Communicator
 from .context import Communicators, DistContext, _set_context, get_context, is_initialized
@@ -20,6 +21,7 @@ from .torch_communicator import TorchCommunicator
 __all__ = ["init_distributed", "destroy", "LaunchEnv"]
 
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+_GENERATION = 0  # how many times this process has built communicators (NCCL store keys)
 
 
 @dataclass(frozen=True)
@@ -68,20 +70,16 @@ def _select_backend(device: torch.device) -> str:
 def _ensure_default_group(env: LaunchEnv, init_method: str, device: torch.device) -> bool:
     """Reuse torch's default group if the user made one, else create it. True if we created it."""
     if dist.is_initialized():
-        if dist.get_world_size() != env.world_size and "WORLD_SIZE" in os.environ:
-            raise RuntimeError(
-                f"the existing torch.distributed group has world size {dist.get_world_size()} "
-                f"but WORLD_SIZE is {env.world_size}"
-            )
         return False
     # cpu:gloo serves objects and CPU tensors; cuda:nccl lets users run torch collectives next to bmt
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ and init_method == "env://":
         # a lone process needs no rendezvous (and no port)
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_DEFAULT_TIMEOUT)
+        dist.init_process_group(backend, store=HashStore(), rank=0, world_size=1, timeout=_DEFAULT_TIMEOUT)
     else:
-        os.environ.setdefault("MASTER_ADDR", "localhost")
-        os.environ.setdefault("MASTER_PORT", "10010")
+        if init_method == "env://":  # the reference's defaults, which torchrun would have exported
+            os.environ.setdefault("MASTER_ADDR", "localhost")
+            os.environ.setdefault("MASTER_PORT", "10010")
         dist.init_process_group(
             backend,
             init_method=init_method,
@@ -92,7 +90,7 @@ def _ensure_default_group(env: LaunchEnv, init_method: str, device: torch.device
     return True
 
 
-def _default_store() -> dist.Store | None:
+def _default_store() -> Store | None:
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
@@ -132,31 +130,44 @@ def _build_communicators(
     topo: Topology,
     device: torch.device,
     backend: str,
-    store: dist.Store | None,
+    store: Store | None,
     object_groups: dict[tuple[int, ...], dist.ProcessGroup],
 ) -> Communicators:
-    """One communicator per distinct rank set; kinds with the same members share it."""
+    """One communicator per distinct rank set; kinds with the same members share it.
+
+    Every rank walks every rank set in the same order: ``dist.new_group`` is collective over
+    the world, and the NCCL store keys must match across the members of a group.
+    """
+    global _GENERATION
+    _GENERATION += 1  # a fresh key space per init, so a re-init never reads the last run's ids
     mine: dict[tuple[int, ...], Communicator] = {}
     for kind in GroupKind:
         ranks = topo.group_ranks(kind)
         if len(ranks) == 1:  # a group of one needs no transport: collectives are copies
             mine.setdefault(ranks, TorchCommunicator(None, ranks, 0, device))
     for index, ranks in enumerate(_distinct_rank_sets(topo)):
-        if topo.rank not in ranks:
-            continue
+        member = topo.rank in ranks
         if backend == "nccl":
+            if not member:
+                continue
             from .nccl import NcclCommunicator
 
             if store is None:
                 raise RuntimeError("NCCL communicators need torch.distributed's default store")
             mine[ranks] = NcclCommunicator.from_store(
-                store, f"bmt_nccl_uid/{index}", ranks, ranks.index(topo.rank), device
+                store, f"bmt_nccl_uid/{_GENERATION}/{index}", ranks, ranks.index(topo.rank), device
             )
         elif device.type == "cpu":
-            mine[ranks] = TorchCommunicator(object_groups[ranks], ranks, ranks.index(topo.rank), device)
-        else:  # torch transport on GPUs: the NCCL side of a mixed group
-            pg = dist.group.WORLD if len(ranks) == topo.world_size else dist.new_group(list(ranks))
-            mine[ranks] = TorchCommunicator(pg, ranks, ranks.index(topo.rank), device)
+            if member:  # shares the gloo group of objects; destroy() releases it
+                mine[ranks] = TorchCommunicator(object_groups[ranks], ranks, ranks.index(topo.rank), device)
+        else:  # torch transport on GPUs: the NCCL side of the default group
+            world = len(ranks) == topo.world_size
+            pg = dist.group.WORLD if world else dist.new_group(list(ranks))
+            if member:
+                assert pg is not None
+                mine[ranks] = TorchCommunicator(
+                    pg, ranks, ranks.index(topo.rank), device, owns_group=not world
+                )
     return Communicators(**{kind.value: mine[topo.group_ranks(kind)] for kind in GroupKind})
 
 
@@ -182,7 +193,12 @@ def init_distributed(
     pipe_enabled = pipe_size > 0
     pipe = pipe_size if pipe_enabled else 1
     tp = tp_size if tp_size > 0 else 1
-    if dist.is_initialized():
+    if dist.is_initialized():  # the user's group decides rank and world size
+        if "WORLD_SIZE" in os.environ and dist.get_world_size() != env.world_size:
+            raise RuntimeError(
+                f"the existing torch.distributed group has world size {dist.get_world_size()} "
+                f"but WORLD_SIZE is {env.world_size}"
+            )
         env = LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.local_size)
     topo = Topology(rank=env.rank, world_size=env.world_size, pipe_size=pipe, tp_size=tp)
     micros = num_micro_batches if num_micro_batches is not None else pipe
@@ -196,9 +212,15 @@ def init_distributed(
         device = torch.device("cpu")
     backend = _select_backend(device)
     owns = _ensure_default_group(env, init_method, device)
-    store = _default_store()
-    object_groups = _object_groups(topo, device)
-    comms = _build_communicators(topo, device, backend, store, object_groups)
+    object_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    try:
+        store = _default_store()
+        object_groups = _object_groups(topo, device)
+        comms = _build_communicators(topo, device, backend, store, object_groups)
+    except BaseException:
+        # leave the process as we found it, so the user can fix the cause and call us again
+        _release_groups(object_groups, owns)
+        raise
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -225,19 +247,26 @@ def init_distributed(
     )
 
 
-def destroy() -> None:
-    """Release communicators (and torch's default group if ``init_distributed`` made it)."""
-    ctx = get_context()
-    for comm in ctx.comms.unique():
-        close = getattr(comm, "close", None)
-        if close is not None:
-            close()
-    for pg in ctx.object_groups.values():
-        if pg is not dist.group.WORLD and dist.is_initialized():
-            try:
-                dist.destroy_process_group(pg)
-            except (ValueError, RuntimeError):  # already destroyed with its communicator
-                pass
-    _set_context(None)
-    if ctx.owns_default_group and dist.is_initialized():
+def _release_groups(object_groups: dict[tuple[int, ...], dist.ProcessGroup], owns_default: bool) -> None:
+    if not dist.is_initialized():
+        return
+    for pg in object_groups.values():
+        if pg is not dist.group.WORLD:
+            dist.destroy_process_group(pg)
+    if owns_default:
         dist.destroy_process_group()
+
+
+def destroy() -> None:
+    """Release communicators and bmt's groups (and torch's default group if ``init_distributed``
+    made it). Collective in effect: every rank should call it, then may call ``init_distributed``
+    again."""
+    ctx = get_context()
+    _set_context(None)
+    try:
+        for comm in ctx.comms.unique():
+            close = getattr(comm, "close", None)
+            if close is not None:
+                close()
+    finally:
+        _release_groups(ctx.object_groups, ctx.owns_default_group)

@@ -16,13 +16,21 @@ def _process_group(comm: Communicator | None) -> dist.ProcessGroup | None:
     """The torch group with ``comm``'s members (objects always travel on a CPU/gloo-capable group)."""
     ctx = get_context()
     comm = comm or ctx.comms.world
-    return ctx.object_groups[comm.global_ranks]
+    group = ctx.object_groups.get(comm.global_ranks)
+    if group is None:
+        raise ValueError(
+            f"objects travel only on the communicators of bmt_comm.get_context().comms; "
+            f"no group has ranks {list(comm.global_ranks)}"
+        )
+    return group
 
 
 def broadcast_object(obj: Any, comm: Communicator | None = None, src: int = 0) -> Any:
     """``obj`` from group rank ``src`` of ``comm`` (the world by default), returned on every member."""
     ctx = get_context()
     comm = comm or ctx.comms.world
+    if not 0 <= src < comm.size:
+        raise ValueError(f"src ({src}) must be a rank in [0, {comm.size}) of this group")
     if comm.size == 1:
         return obj
     box = [obj]

@@ -45,14 +45,23 @@ def sum_loss(loss: torch.Tensor, comm: Communicator | None = None) -> torch.Tens
 
 
 def gather_result(result: torch.Tensor, comm: Communicator | None = None) -> torch.Tensor:
-    """Concatenate every rank's ``result`` on dim 0; the output stays on the input's device."""
+    """Concatenate every rank's ``result`` on dim 0 (a scalar counts as one row); not differentiable.
+
+    Every rank must pass the same shape (checked: one small object exchange first). The output
+    stays on the input's device.
+    """
+    from .objects import allgather_objects
+
     ctx = get_context()
     comm = comm or ctx.comms.world
+    shapes = allgather_objects(tuple(result.shape), comm)
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"gather_result needs the same shape on every rank, got shapes by rank {shapes}")
     src = result.detach().contiguous()
     moved = src.device != comm.device
     if moved:
         src = src.to(comm.device)
-    out = torch.empty((comm.size * src.shape[0], *src.shape[1:]) if src.dim() else (comm.size,),
-                      dtype=src.dtype, device=src.device)
+    rows = (comm.size * src.shape[0], *src.shape[1:]) if src.dim() else (comm.size,)
+    out = torch.empty(rows, dtype=src.dtype, device=src.device)
     comm.all_gather(src, out)
     return out.to(result.device) if moved else out
