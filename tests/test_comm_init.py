@@ -167,8 +167,12 @@ def _check_init(expected_draws: tuple[list[float], float, float]) -> tuple[list[
         bmt_comm.init_distributed()
 
     # destroy() keeps the user's group; everything else is back to "not initialized"
+    world = ctx.comms.world
     bmt_comm.destroy()
     assert dist.is_initialized()
+    if n > 1:  # a communicator kept past destroy() says so instead of using a released group
+        with pytest.raises(RuntimeError, match=r"was closed \(bmt_comm.destroy\(\)\)"):
+            world.all_reduce(torch.zeros(1))
     dist.barrier()
     check_uninitialized_errors()
 

@@ -207,6 +207,24 @@ def _check_comms_w4_pipe2_tp2() -> None:
         t = torch.tensor([1 << r], dtype=torch.int64)
         comm.all_reduce(t, "sum")
         assert t.item() == sum(1 << m for m in members), (kind, t.item())
+    # point-to-point inside a sub-group uses group ranks: pipe groups are (0, 2) and (1, 3)
+    pipe = ctx.comms.pipe
+    peer = 1 - pipe.rank
+    got = torch.empty(3, dtype=torch.int64)
+    with pipe.group():
+        pipe.send(torch.full((3,), r), peer)
+        pipe.recv(got, peer)
+    assert got.tolist() == [pipe.global_ranks[peer]] * 3
+    if pipe.rank == 0:  # stage 0 hands activations to stage 1, as the pipeline does
+        bmt_comm.send_activations(torch.arange(6.0).view(2, 3) + r, 1, pipe)
+    else:
+        act = bmt_comm.recv_activations(0, pipe)
+        assert torch.equal(act, torch.arange(6.0).view(2, 3) + pipe.global_ranks[0])
+    # differentiable ops take a sub-communicator too
+    x = torch.tensor([float(r)], requires_grad=True)
+    y = bmt_comm.all_reduce(x, "sum", ctx.comms.tp_zero)
+    assert y.item() == sum(ctx.comms.tp_zero.global_ranks)
+    assert bmt_comm.all_gather(x, ctx.comms.tp).view(-1).tolist() == [float(m) for m in ctx.comms.tp.global_ranks]
     # same members -> one shared object (one process group, not two)
     assert ctx.comms.tp is ctx.comms.pp_zero and ctx.comms.tp_zero is ctx.comms.pipe
     assert ctx.comms.world is ctx.comms.zero

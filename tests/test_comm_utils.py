@@ -67,6 +67,15 @@ def test_average_recorder():
     assert half.value == pytest.approx((0.5 * (0.5 * 2 + 4) + 8) / (1 - 0.125))
 
 
+def test_stream_helpers_are_no_ops_on_cpu():
+    t = torch.ones(2)
+    with bmt_comm.stream_context(None):
+        t.add_(1)
+    bmt_comm.wait_stream(None, None)
+    bmt_comm.record_stream(t, None)
+    assert bmt_comm.current_stream(torch.device("cpu")) is None and t.tolist() == [2.0, 2.0]
+
+
 def test_print_rank_before_init():
     assert not bmt_comm.is_initialized()
     assert _printed(bmt_comm.print_rank, "a", 1, sep="-") == "a-1\n"
