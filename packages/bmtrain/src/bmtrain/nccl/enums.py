@@ -1,0 +1,41 @@
+"""NCCL data-type and reduction-op numbers (``bmtrain.nccl.enums`` in BMTrain 1.0.1)."""
+
+from bmt_comm.nccl import (
+    ncclAvg,
+    ncclBFloat16,
+    ncclBool,
+    ncclChar,
+    ncclFloat16,
+    ncclFloat32,
+    ncclFloat64,
+    ncclInt8,
+    ncclInt32,
+    ncclInt64,
+    ncclMax,
+    ncclMin,
+    ncclProd,
+    ncclSum,
+    ncclUint8,
+    ncclUint32,
+    ncclUint64,
+)
+
+__all__ = [
+    "ncclInt8",
+    "ncclChar",
+    "ncclBool",
+    "ncclUint8",
+    "ncclInt32",
+    "ncclUint32",
+    "ncclInt64",
+    "ncclUint64",
+    "ncclFloat16",
+    "ncclFloat32",
+    "ncclFloat64",
+    "ncclBFloat16",
+    "ncclSum",
+    "ncclProd",
+    "ncclMax",
+    "ncclMin",
+    "ncclAvg",
+]
