@@ -102,6 +102,13 @@ def check_edge_cases(c: int) -> None:
     _assert_grad(buffer, xr.grad, torch.float16, "inplace buffer")
     _assert_grad(leaf.grad, xr.grad, torch.float16, "inplace grad")
 
+    empty = torch.zeros(0, c, dtype=torch.float16, requires_grad=True)
+    for red in ("none", "sum", "mean"):
+        loss = FusedCrossEntropy(reduction=red)(empty, torch.zeros(0, dtype=torch.long))
+        ref = F.cross_entropy(empty.detach().float(), torch.zeros(0, dtype=torch.long), reduction=red)
+        torch.testing.assert_close(loss, ref, equal_nan=True)  # an empty batch: [], 0, nan
+        loss.sum().backward()
+
     for bad in (c, -1, -101):
         t = torch.zeros(4, dtype=torch.long)
         t[2] = bad

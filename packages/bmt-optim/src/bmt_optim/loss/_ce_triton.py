@@ -32,9 +32,10 @@ def _stats_kernel(
     c0 = split * split_cols
     c1 = tl.minimum(c0 + split_cols, n_cols)
     base = x_ptr + row * stride_x
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    wx = tl.zeros((), tl.float32)
+    # 0-d fp32 accumulators made by reductions: the same type as the loop's updates
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+    s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    wx = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < c1
@@ -89,6 +90,9 @@ def _warps(block: int) -> int:
 def row_stats(logits: torch.Tensor, weight: torch.Tensor | None, smoothing: bool) -> RowStats:
     """Per row: max, sum of exp(x - max) and (when smoothing) sum of w_c * x_c, in fp32."""
     n, c = logits.shape
+    if n == 0:
+        empty = logits.new_empty(0, dtype=torch.float32)
+        return RowStats(empty, empty, empty if smoothing else None)
     block = _block(c)
     blocks = triton.cdiv(c, block)
     splits = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, max(n, 1))))
@@ -124,6 +128,8 @@ def write_grad(
 ) -> None:
     """``out[i, c] = coef_p[i] * exp(x[i, c] - lse[i]) - coef_t[i] * [c == t_i] - coef_w[i] * w_c``."""
     n, c = logits.shape
+    if n == 0:
+        return
     block = _block(c)
     with on_device(logits):
         _grad_kernel[(n, triton.cdiv(c, block))](

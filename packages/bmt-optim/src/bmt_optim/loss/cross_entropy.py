@@ -152,6 +152,8 @@ def fused_cross_entropy(
     _check_smoothing(label_smoothing)
     if input.dim() != 2:
         raise ValueError(f"cross-entropy input must be 2-D (N, C), got shape {tuple(input.shape)}")
+    if input.shape[1] == 0:
+        raise ValueError(f"cross-entropy input needs at least one class, got shape {tuple(input.shape)}")
     if not input.is_floating_point():
         raise TypeError(f"cross-entropy input must be floating point, got {input.dtype}")
     if target.dim() != 1 or target.shape[0] != input.shape[0]:
@@ -198,6 +200,8 @@ class FusedCrossEntropy(torch.nn.Module):
 
     ``inplace=True`` writes the gradient into the logits' buffer (saves one logits-sized
     allocation); use it only when nothing else needs the logits after the loss.
+    fp32/fp64 logits (not parallel) go to ``F.cross_entropy`` unchanged; ``inplace`` has no
+    effect there.
     """
 
     weight: torch.Tensor | None
