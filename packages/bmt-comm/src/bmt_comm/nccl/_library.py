@@ -1,0 +1,352 @@
+"""Find libnccl at run time and bind the few functions bmt needs through ctypes.
+
+No NCCL headers and no compiler are needed: the library torch already uses is opened and the
+functions are declared here (as vLLM's ``pynccl_wrapper`` does). Search order, first hit wins:
+
+1. ``BMT_NCCL_LIBRARY`` (a path); when set, nothing else is tried;
+2. a ``libnccl.so*`` already mapped into this process (the one torch's CUDA libraries loaded);
+3. the ``nvidia-nccl-cu1x`` pip package (``nvidia/nccl/lib/libnccl.so.2``), which torch wheels use;
+4. ``torch/lib`` (builds that bundle NCCL);
+5. ``ctypes.util.find_library("nccl")`` (a system install).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import glob
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "ENV_VAR",
+    "LibrarySource",
+    "LibraryCandidate",
+    "NcclError",
+    "NcclLibrary",
+    "NcclUniqueId",
+    "UNIQUE_ID_BYTES",
+    "library_candidates",
+    "load_library",
+    "get_library",
+    "nccl_available",
+]
+
+ENV_VAR = "BMT_NCCL_LIBRARY"
+UNIQUE_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+
+
+class NcclError(RuntimeError):
+    """A non-success ``ncclResult_t``; the message carries NCCL's own error string."""
+
+    def __init__(self, function: str, code: int, message: str) -> None:
+        super().__init__(f"NCCL error in {function}: {message}")
+        self.function = function
+        self.code = code
+
+
+class LibrarySource(Enum):
+    ENV = ENV_VAR
+    LOADED = "already loaded in this process"
+    PIP = "nvidia-nccl pip package"
+    TORCH = "torch/lib"
+    SYSTEM = "ctypes.util.find_library('nccl')"
+
+
+@dataclass(frozen=True)
+class LibraryCandidate:
+    source: LibrarySource
+    path: str  # a file path, or a bare soname for SYSTEM (the dynamic loader resolves it)
+
+
+# --- search ------------------------------------------------------------------------------
+def _env_path() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    return value or None
+
+
+def _loaded_paths(maps_file: str = "/proc/self/maps") -> list[str]:
+    """libnccl files mapped into this process, in first-mapped order (Linux only)."""
+    try:
+        with open(maps_file) as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    paths: list[str] = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6:
+            path = parts[5].strip()
+            if os.path.basename(path).startswith("libnccl.so") and path not in paths:
+                paths.append(path)
+    return paths
+
+
+def _pip_paths() -> list[str]:
+    """``nvidia/nccl/lib/libnccl.so*`` under every ``nvidia`` namespace package directory."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    paths: list[str] = []
+    for root in spec.submodule_search_locations:
+        paths.extend(sorted(glob.glob(os.path.join(root, "nccl", "lib", "libnccl.so*"))))
+    return paths
+
+
+def _torch_paths() -> list[str]:
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or spec.origin is None:
+        return []
+    return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "lib", "libnccl.so*")))
+
+
+def _system_paths() -> list[str]:
+    name = ctypes.util.find_library("nccl")
+    return [name] if name else []
+
+
+def library_candidates() -> list[LibraryCandidate]:
+    """Where libnccl will be looked for, in order (``BMT_NCCL_LIBRARY`` alone when set)."""
+    env = _env_path()
+    if env is not None:
+        return [LibraryCandidate(LibrarySource.ENV, env)]
+    searches: list[tuple[LibrarySource, Callable[[], list[str]]]] = [
+        (LibrarySource.LOADED, _loaded_paths),
+        (LibrarySource.PIP, _pip_paths),
+        (LibrarySource.TORCH, _torch_paths),
+        (LibrarySource.SYSTEM, _system_paths),
+    ]
+    out: list[LibraryCandidate] = []
+    seen: set[str] = set()
+    for source, search in searches:
+        for path in search():
+            if path not in seen:  # the loaded library is usually the pip package's: try it once
+                seen.add(path)
+                out.append(LibraryCandidate(source, path))
+    return out
+
+
+# --- binding -----------------------------------------------------------------------------
+class NcclUniqueId(ctypes.Structure):
+    _fields_ = [("internal", ctypes.c_byte * UNIQUE_ID_BYTES)]
+
+
+_result = ctypes.c_int  # ncclResult_t
+_comm = ctypes.c_void_p  # ncclComm_t
+_stream = ctypes.c_void_p  # cudaStream_t
+_buf = ctypes.c_void_p
+_int = ctypes.c_int  # also ncclDataType_t, ncclRedOp_t
+_size = ctypes.c_size_t
+
+
+@dataclass(frozen=True)
+class _Signature:
+    name: str
+    restype: Any
+    argtypes: tuple[Any, ...]
+    optional: bool = False  # absent from older NCCL releases
+
+
+_SIGNATURES = (
+    _Signature("ncclGetVersion", _result, (ctypes.POINTER(_int),)),
+    _Signature("ncclGetErrorString", ctypes.c_char_p, (_result,)),
+    _Signature("ncclGetLastError", ctypes.c_char_p, (_comm,), optional=True),  # NCCL >= 2.13
+    _Signature("ncclGetUniqueId", _result, (ctypes.POINTER(NcclUniqueId),)),
+    _Signature("ncclCommInitRank", _result, (ctypes.POINTER(_comm), _int, NcclUniqueId, _int)),
+    _Signature("ncclCommDestroy", _result, (_comm,)),
+    _Signature("ncclCommAbort", _result, (_comm,)),
+    _Signature("ncclCommCount", _result, (_comm, ctypes.POINTER(_int))),
+    _Signature("ncclCommUserRank", _result, (_comm, ctypes.POINTER(_int))),
+    _Signature("ncclAllGather", _result, (_buf, _buf, _size, _int, _comm, _stream)),
+    _Signature("ncclReduceScatter", _result, (_buf, _buf, _size, _int, _int, _comm, _stream)),
+    _Signature("ncclAllReduce", _result, (_buf, _buf, _size, _int, _int, _comm, _stream)),
+    _Signature("ncclBroadcast", _result, (_buf, _buf, _size, _int, _int, _comm, _stream)),
+    _Signature("ncclReduce", _result, (_buf, _buf, _size, _int, _int, _int, _comm, _stream)),
+    _Signature("ncclSend", _result, (_buf, _size, _int, _int, _comm, _stream)),
+    _Signature("ncclRecv", _result, (_buf, _size, _int, _int, _comm, _stream)),
+    _Signature("ncclGroupStart", _result, ()),
+    _Signature("ncclGroupEnd", _result, ()),
+)
+
+
+class NcclLibrary:
+    """libnccl opened from ``path``, with typed wrappers that raise :class:`NcclError`.
+
+    Pointers, communicators and streams are plain ints (``data_ptr()``, ``cuda_stream``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lib = ctypes.CDLL(path)  # CDLL releases the GIL during calls (blocking inits)
+        self._fns: dict[str, Any] = {}
+        for sig in _SIGNATURES:
+            try:
+                fn = getattr(self._lib, sig.name)
+            except AttributeError:
+                if sig.optional:
+                    continue
+                raise RuntimeError(
+                    f"{path} has no symbol {sig.name}: it is not an NCCL 2.x library"
+                ) from None
+            fn.restype = sig.restype
+            fn.argtypes = list(sig.argtypes)
+            self._fns[sig.name] = fn
+        self.version_code = self._version_code()
+
+    # --- errors ------------------------------------------------------------------------
+    def error_string(self, code: int) -> str:
+        raw: bytes | None = self._fns["ncclGetErrorString"](code)
+        return raw.decode(errors="replace") if raw else f"unknown NCCL result {code}"
+
+    def last_error(self, comm: int | None = None) -> str:
+        fn = self._fns.get("ncclGetLastError")
+        if fn is None:
+            return ""
+        raw: bytes | None = fn(comm)
+        return raw.decode(errors="replace").strip() if raw else ""
+
+    def check(self, function: str, code: int, comm: int | None = None) -> None:
+        if code == 0:
+            return
+        message = self.error_string(code)
+        detail = self.last_error(comm)
+        if detail and detail not in message:
+            message = f"{message}; last error: {detail}"
+        raise NcclError(function, code, message)
+
+    def _call(self, name: str, *args: Any, comm: int | None = None) -> None:
+        self.check(name, int(self._fns[name](*args)), comm)
+
+    # --- library and communicators -----------------------------------------------------
+    def _version_code(self) -> int:
+        v = _int()
+        self._call("ncclGetVersion", ctypes.byref(v))
+        return int(v.value)
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """(major, minor, patch); NCCL >= 2.9 encodes x*10000 + y*100 + z, older x*1000 + y*100 + z."""
+        code = self.version_code
+        if code >= 10000:
+            return code // 10000, code // 100 % 100, code % 100
+        return code // 1000, code // 100 % 10, code % 100
+
+    def get_unique_id(self) -> bytes:
+        uid = NcclUniqueId()
+        self._call("ncclGetUniqueId", ctypes.byref(uid))
+        return bytes(uid.internal)
+
+    def comm_init_rank(self, nranks: int, unique_id: bytes, rank: int) -> int:
+        """Blocks until all ``nranks`` ranks have joined; uses the current CUDA device."""
+        if len(unique_id) != UNIQUE_ID_BYTES:
+            raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
+        uid = NcclUniqueId()
+        ctypes.memmove(uid.internal, unique_id, UNIQUE_ID_BYTES)
+        comm = _comm()
+        self._call("ncclCommInitRank", ctypes.byref(comm), nranks, uid, rank)
+        if not comm.value:
+            raise RuntimeError("ncclCommInitRank succeeded but returned a null communicator")
+        return int(comm.value)
+
+    def comm_destroy(self, comm: int) -> None:
+        self._call("ncclCommDestroy", comm, comm=comm)
+
+    def comm_abort(self, comm: int) -> None:
+        self._call("ncclCommAbort", comm, comm=comm)
+
+    def comm_count(self, comm: int) -> int:
+        n = _int()
+        self._call("ncclCommCount", comm, ctypes.byref(n), comm=comm)
+        return int(n.value)
+
+    def comm_user_rank(self, comm: int) -> int:
+        r = _int()
+        self._call("ncclCommUserRank", comm, ctypes.byref(r), comm=comm)
+        return int(r.value)
+
+    # --- collectives (enqueued on ``stream``) -------------------------------------------
+    def all_gather(self, send: int, recv: int, count: int, dtype: int, comm: int, stream: int) -> None:
+        self._call("ncclAllGather", send, recv, count, dtype, comm, stream, comm=comm)
+
+    def reduce_scatter(
+        self, send: int, recv: int, recv_count: int, dtype: int, op: int, comm: int, stream: int
+    ) -> None:
+        self._call("ncclReduceScatter", send, recv, recv_count, dtype, op, comm, stream, comm=comm)
+
+    def all_reduce(
+        self, send: int, recv: int, count: int, dtype: int, op: int, comm: int, stream: int
+    ) -> None:
+        self._call("ncclAllReduce", send, recv, count, dtype, op, comm, stream, comm=comm)
+
+    def broadcast(
+        self, send: int, recv: int, count: int, dtype: int, root: int, comm: int, stream: int
+    ) -> None:
+        self._call("ncclBroadcast", send, recv, count, dtype, root, comm, stream, comm=comm)
+
+    def reduce(
+        self, send: int, recv: int, count: int, dtype: int, op: int, root: int, comm: int, stream: int
+    ) -> None:
+        self._call("ncclReduce", send, recv, count, dtype, op, root, comm, stream, comm=comm)
+
+    def send(self, buf: int, count: int, dtype: int, peer: int, comm: int, stream: int) -> None:
+        self._call("ncclSend", buf, count, dtype, peer, comm, stream, comm=comm)
+
+    def recv(self, buf: int, count: int, dtype: int, peer: int, comm: int, stream: int) -> None:
+        self._call("ncclRecv", buf, count, dtype, peer, comm, stream, comm=comm)
+
+    def group_start(self) -> None:
+        self._call("ncclGroupStart")
+
+    def group_end(self) -> None:
+        self._call("ncclGroupEnd")
+
+    def __repr__(self) -> str:
+        return f"NcclLibrary({self.path!r}, version={'.'.join(map(str, self.version))})"
+
+
+def load_library() -> NcclLibrary:
+    """Open the first loadable candidate; a RuntimeError listing every attempt otherwise."""
+    candidates = library_candidates()
+    tried: list[str] = []
+    for cand in candidates:
+        if os.sep in cand.path and not os.path.exists(cand.path):
+            tried.append(f"{cand.path} ({cand.source.value}): no such file")
+            continue
+        try:
+            return NcclLibrary(cand.path)
+        except (OSError, RuntimeError) as e:
+            tried.append(f"{cand.path} ({cand.source.value}): {e}")
+    if _env_path() is not None:
+        raise RuntimeError(f"{ENV_VAR} names a library that cannot be loaded as NCCL: {'; '.join(tried)}")
+    where = "; ".join(tried) if tried else "no candidate found"
+    raise RuntimeError(
+        "could not load libnccl (searched this process's libraries, the nvidia-nccl pip package, "
+        f"torch/lib and the system loader: {where}). Install a CUDA build of torch (it brings "
+        f"nvidia-nccl-cu12/cu13), or set {ENV_VAR} to the path of libnccl.so.2"
+    )
+
+
+@functools.cache
+def get_library() -> NcclLibrary:
+    """The process-wide library (loaded on first use)."""
+    return load_library()
+
+
+def nccl_available() -> bool:
+    """Whether libnccl can be loaded here (it says nothing about GPUs)."""
+    try:
+        get_library()
+    except RuntimeError:
+        return False
+    return True
