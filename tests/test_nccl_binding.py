@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import pickle
 from typing import Any
 
 import bmt_comm
@@ -161,6 +162,8 @@ def test_real_library_version_and_error_strings() -> None:
     with pytest.raises(NcclError, match=r"^NCCL error in ncclAllGather: invalid argument") as info:
         lib.check("ncclAllGather", 4)
     assert isinstance(info.value, RuntimeError) and info.value.code == 4
+    again = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries intact
+    assert (type(again), str(again), again.code) == (NcclError, str(info.value), 4)
     lib.group_start()
     lib.group_end()
 
@@ -337,9 +340,9 @@ def test_buffers_are_storages_used_whole_or_tensors() -> None:
     typed = t[2:].storage()
     b = api._buffer("src", typed)
     assert (b.ptr, b.count, b.dtype) == (t.data_ptr(), 6, torch.float32)
-    assert torch.equal(b.tensor, t)
+    assert torch.equal(b.tensor(), t)
     u = api._buffer("src", t.untyped_storage())
-    assert (u.ptr, u.count, u.dtype, u.tensor.numel()) == (t.data_ptr(), 24, torch.uint8, 24)
+    assert (u.ptr, u.count, u.dtype, u.tensor().numel()) == (t.data_ptr(), 24, torch.uint8, 24)
     v = api._buffer("dst", t[1:])
     assert (v.ptr, v.count) == (t[1:].data_ptr(), 5)
     with pytest.raises(ValueError, match="dst must be contiguous"):

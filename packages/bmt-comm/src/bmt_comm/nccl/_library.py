@@ -48,6 +48,10 @@ class NcclError(RuntimeError):
         super().__init__(f"NCCL error in {function}: {message}")
         self.function = function
         self.code = code
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[NcclError], tuple[str, int, str]]:  # picklable across processes
+        return type(self), (self.function, self.code, self.message)
 
 
 class LibrarySource(Enum):

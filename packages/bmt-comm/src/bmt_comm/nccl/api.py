@@ -77,21 +77,26 @@ class _Buf:
     count: int  # elements
     dtype: torch.dtype
     device: torch.device
-    tensor: torch.Tensor  # a flat view of the whole buffer, for Communicator methods
+    source: Buffer
+
+    def tensor(self) -> torch.Tensor:
+        """A flat view of the whole buffer, for Communicator methods (not needed on the raw path)."""
+        b = self.source
+        if isinstance(b, torch.Tensor):
+            return b.view(-1)
+        return torch.empty(0, dtype=self.dtype, device=self.device).set_(b)  # type: ignore[arg-type]
 
 
 def _buffer(name: str, b: Buffer) -> _Buf:
     if isinstance(b, torch.Tensor):
         if not b.is_contiguous():
             raise ValueError(f"{name} must be contiguous (shape {tuple(b.shape)}, stride {b.stride()})")
-        return _Buf(name, b.data_ptr(), b.numel(), b.dtype, b.device, b.view(-1))
+        return _Buf(name, b.data_ptr(), b.numel(), b.dtype, b.device, b)
     if isinstance(b, torch.TypedStorage):
-        flat = torch.empty(0, dtype=b.dtype, device=b.device).set_(b)
         ptr, count = b.data_ptr(), b.size()  # type: ignore[no-untyped-call]  # deprecated class, untyped
-        return _Buf(name, int(ptr), int(count), b.dtype, b.device, flat)
+        return _Buf(name, int(ptr), int(count), b.dtype, b.device, b)
     if isinstance(b, torch.UntypedStorage):
-        flat = torch.empty(0, dtype=torch.uint8, device=b.device).set_(b)
-        return _Buf(name, b.data_ptr(), b.nbytes(), torch.uint8, b.device, flat)
+        return _Buf(name, b.data_ptr(), b.nbytes(), torch.uint8, b.device, b)
     raise TypeError(f"{name} must be a tensor or a storage, got {type(b).__name__}")
 
 
@@ -166,7 +171,7 @@ def allReduce(src: Buffer, dst: Buffer, op: ReduceOp | str, comm: Comm) -> None:
     _same_count(s, d)
     generic = _generic(comm)
     if generic is not None:
-        generic.all_reduce(s.tensor, op, output=d.tensor)
+        generic.all_reduce(s.tensor(), op, output=d.tensor())
         return
     raw = _raw(comm, s, d)
     raw.library.all_reduce(
@@ -182,7 +187,7 @@ def allGather(src: Buffer, dst: Buffer, comm: Comm) -> None:
         raise ValueError(f"dst size ({d.count}) must be a multiple of src size ({s.count}), at least {n}x it")
     generic = _generic(comm)
     if generic is not None:
-        generic.all_gather(s.tensor, d.tensor[: n * s.count])
+        generic.all_gather(s.tensor(), d.tensor()[: n * s.count])
         return
     raw = _raw(comm, s, d)
     raw.library.all_gather(s.ptr, d.ptr, s.count, dtype2nccl(s.dtype), raw.ptr, raw.stream())
@@ -196,7 +201,7 @@ def reduceScatter(src: Buffer, dst: Buffer, op: ReduceOp | str, comm: Comm) -> N
         raise ValueError(f"src size ({s.count}) must be a multiple of dst size ({d.count}), at least {n}x it")
     generic = _generic(comm)
     if generic is not None:
-        generic.reduce_scatter(s.tensor[: n * d.count], d.tensor, op)
+        generic.reduce_scatter(s.tensor()[: n * d.count], d.tensor(), op)
         return
     raw = _raw(comm, s, d)
     raw.library.reduce_scatter(
@@ -210,7 +215,7 @@ def broadcast(src: Buffer, dst: Buffer, root: int, comm: Comm) -> None:
     _same_count(s, d)
     generic = _generic(comm)
     if generic is not None:
-        generic.broadcast(s.tensor, root, output=d.tensor)
+        generic.broadcast(s.tensor(), root, output=d.tensor())
         return
     raw = _raw(comm, s, d)
     raw.library.broadcast(s.ptr, d.ptr, s.count, dtype2nccl(s.dtype), root, raw.ptr, raw.stream())
@@ -222,7 +227,7 @@ def reduce(src: Buffer, dst: Buffer, op: ReduceOp | str, root: int, comm: Comm) 
     _same_count(s, d)
     generic = _generic(comm)
     if generic is not None:
-        generic.reduce(s.tensor, root, op, output=d.tensor)
+        generic.reduce(s.tensor(), root, op, output=d.tensor())
         return
     raw = _raw(comm, s, d)
     raw.library.reduce(
@@ -234,7 +239,7 @@ def send(src: Buffer, peer: int, comm: Comm) -> None:
     s = _buffer("src", src)
     generic = _generic(comm)
     if generic is not None:
-        generic.send(s.tensor, peer)
+        generic.send(s.tensor(), peer)
         return
     raw = _raw(comm, s)
     raw.library.send(s.ptr, s.count, dtype2nccl(s.dtype), peer, raw.ptr, raw.stream())
@@ -244,7 +249,7 @@ def recv(dst: Buffer, peer: int, comm: Comm) -> None:
     d = _buffer("dst", dst)
     generic = _generic(comm)
     if generic is not None:
-        generic.recv(d.tensor, peer)
+        generic.recv(d.tensor(), peer)
         return
     raw = _raw(comm, d)
     raw.library.recv(d.ptr, d.count, dtype2nccl(d.dtype), peer, raw.ptr, raw.stream())
