@@ -23,7 +23,7 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-def run_interpreted(module: str, function: str, timeout: float = 120.0) -> str:
+def run_interpreted(module: str, function: str, timeout: float = 240.0) -> str:
     """``module.function()`` under the Triton interpreter; fails the test with its output."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     code = f"import {module} as m; m.{function}()"
