@@ -1,0 +1,10 @@
+"""bmt-ckpt: ``Block`` (``CheckpointBlock``) with ZeRO-2/3 and activation checkpointing, and
+``TransformerBlockList`` with prefetched gathers and overlapped reduce-scatters."""
+
+from .block import Block, BlockMode
+from .block_list import TransformerBlockList
+from .wrapper import BMTrainModelWrapper
+
+CheckpointBlock = Block
+
+__all__ = ["BMTrainModelWrapper", "Block", "BlockMode", "CheckpointBlock", "TransformerBlockList"]

@@ -1,0 +1,278 @@
+"""``Block`` (also ``CheckpointBlock``): ZeRO-2/3 and activation checkpointing around one module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from enum import Enum
+from typing import Any
+
+import bmt_comm
+import torch
+from bmt_comm import Communicator
+from bmt_zero.flat_storage import FlatStorage
+from bmt_zero.parameter import DistributedParameter
+
+from .checkpointing import BlockCall, run_block
+from .runtime import BlockRuntime, Phase, ReleasePolicy, SharedStorage
+from .state import init_block_parameters, load_block_state, save_block_state
+
+__all__ = ["Block", "BlockMode"]
+
+
+class BlockMode(str, Enum):
+    BLOCK = "BLOCK"  # alone or in a TransformerBlockList: ZeRO over the zero (tp_zero) group
+    PIPE = "PIPE"  # inside a PipelineTransformerBlockList: ZeRO over the stage's pp_zero group
+
+    @classmethod
+    def parse(cls, mode: BlockMode | str) -> BlockMode:
+        try:
+            return cls(mode)
+        except ValueError:
+            raise ValueError(f"mode must be 'BLOCK' or 'PIPE', got {mode!r}") from None
+
+
+def _comm_chooser(mode: BlockMode) -> Callable[[DistributedParameter], Communicator]:
+    comms = bmt_comm.get_context().comms
+    if mode is BlockMode.PIPE:
+        return lambda p: comms.pp_tp_zero if p._tp_mode else comms.pp_zero
+    return lambda p: comms.tp_zero if p._tp_mode else comms.zero
+
+
+class Block(torch.nn.Module):
+    """ZeRO + activation checkpointing around ``inner_module`` (typically one transformer layer).
+
+    Every parameter of ``inner_module`` must be a DistributedParameter; they move into one flat
+    sharded buffer per (dtype, requires_grad, group). Forward gathers them (one all-gather per
+    buffer), runs the module (under activation checkpointing with ``use_checkpoint``) and frees
+    them (``zero_level=3``) or keeps them until backward (``zero_level=2``). Backward gathers
+    again if needed, recomputes, and reduce-scatters (sums) the gradients into the flat shards,
+    accumulating until they are zeroed. The inner module is not a registered child: state dict
+    keys, ``named_parameters()`` and attribute access are the inner module's own.
+    """
+
+    _module: torch.nn.Module
+
+    def __init__(
+        self,
+        inner_module: torch.nn.Module,
+        use_checkpoint: bool = True,
+        zero_level: int = 3,
+        initialized: bool = False,
+        mode: BlockMode | str = BlockMode.BLOCK,
+    ) -> None:
+        super().__init__()
+        if not isinstance(inner_module, torch.nn.Module):
+            raise TypeError(f"Block wraps a torch.nn.Module, got {type(inner_module).__name__}")
+        for name, sub in inner_module.named_modules():
+            if isinstance(sub, Block):
+                where = f"'{name}'" if name else "the module itself"
+                raise ValueError(f"a Block cannot wrap another Block ({where} is one); wrap the inner modules once")
+        for name, p in inner_module.named_parameters():
+            if not isinstance(p, DistributedParameter):
+                raise ValueError(f"Block parameters must be DistributedParameter; '{name}' is {type(p).__name__}")
+        self.__dict__["_module"] = inner_module  # not a child: no key infix in state dicts
+        self.use_checkpoint = use_checkpoint
+        self.zero_level = zero_level
+        self._policy = ReleasePolicy.from_zero_level(zero_level)
+        self._mode = BlockMode.parse(mode)
+        self._in_pipeline = False  # set by PipelineTransformerBlockList: PIPE blocks run only there
+        self._runtime: BlockRuntime | None = None
+        self.training = inner_module.training
+        # the inner module's own tensors show through, so a parent's named_parameters/buffers (which
+        # read each module's dicts) list them under the unwrapped model's names
+        self.__dict__["_parameters"] = inner_module._parameters
+        self.__dict__["_buffers"] = inner_module._buffers
+        self.__dict__["_non_persistent_buffers_set"] = inner_module._non_persistent_buffers_set
+        if not initialized:
+            self.init_param_storage()
+
+    # --- storage -----------------------------------------------------------------------
+    def init_param_storage(self) -> None:
+        """Move the inner module's parameters into this Block's flat sharded storage."""
+        if self._runtime is not None:
+            raise RuntimeError("this Block's parameter storage is already built")
+        for name, p in self._module.named_parameters():
+            if p._in_block:  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"parameter '{name}' already lives in another Block's storage; to share it, build "
+                    "Block(module, initialized=True) and call .reference(other_block)"
+                )
+        named = [(n, p) for n, p in self._module.named_parameters() if isinstance(p, DistributedParameter)]
+        storage = FlatStorage(named, _comm_chooser(self._mode))
+        self._runtime = BlockRuntime(SharedStorage(storage), self._policy)
+
+    def reference(self, block: Block) -> None:
+        """Share ``block``'s storage: both wrap the same inner module (e.g. a layer used twice)."""
+        if block._module is not self._module:
+            raise ValueError("reference() shares storage between Blocks wrapping the same inner module")
+        if self._runtime is not None:
+            raise RuntimeError("this Block already has its own parameter storage")
+        self._runtime = BlockRuntime(block.runtime.shared, self._policy)
+
+    @property
+    def runtime(self) -> BlockRuntime:
+        if self._runtime is None:
+            raise RuntimeError(
+                "this Block has no parameter storage yet: it was built with initialized=True; "
+                "call init_param_storage() or reference(other_block) first"
+            )
+        return self._runtime
+
+    @property
+    def storage(self) -> FlatStorage:
+        return self.runtime.storage
+
+    @property
+    def mode(self) -> BlockMode:
+        return self._mode
+
+    def attach_pipeline(self) -> None:
+        """Called by PipelineTransformerBlockList on each of its Blocks: only there may a
+        mode='PIPE' Block run (its ZeRO group spans a pipeline stage)."""
+        self.require_mode(BlockMode.PIPE, "PipelineTransformerBlockList")
+        self._in_pipeline = True
+
+    def require_mode(self, mode: BlockMode, where: str) -> None:
+        """Raise if this Block was built for another kind of container than ``where``."""
+        if self._mode is not mode:
+            raise ValueError(
+                f"{where} needs Blocks built with mode='{mode.value}', got one built with "
+                f"mode='{self._mode.value}'; rebuild it as Block(module, mode='{mode.value}')"
+            )
+
+    # --- neighbours (prefetch order) ---------------------------------------------------
+    def set_pre_module(self, pre_module: Block | None) -> None:
+        """``pre_module`` runs right before this Block in forward (so right after it in backward):
+        each prefetches the other's parameters."""
+        self.runtime.link_after(None if pre_module is None else pre_module.runtime)
+        self.__dict__["_pre_block"] = pre_module
+        if pre_module is not None:
+            pre_module.__dict__["_next_block"] = self
+
+    def pre_module(self) -> Block | None:
+        pre: Block | None = self.__dict__.get("_pre_block")
+        return pre if pre is not None and pre.runtime is self.runtime.pre_runtime() else None
+
+    def next_module(self) -> Block | None:
+        nxt: Block | None = self.__dict__.get("_next_block")
+        return nxt if nxt is not None and nxt.runtime is self.runtime.next_runtime() else None
+
+    def release(self) -> None:
+        """Free gathered parameters now (they are gathered again when needed)."""
+        self.runtime.shared.release_if_idle()
+
+    # --- running -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mode is BlockMode.PIPE and not self._in_pipeline:
+            raise RuntimeError(
+                "this Block was built with mode='PIPE', which runs only inside a PipelineTransformerBlockList "
+                "(that attaches it with attach_pipeline()); build it with mode='BLOCK' to call it alone "
+                "or in a TransformerBlockList"
+            )
+        runtime = self.runtime
+        device = bmt_comm.get_context().device
+        flat = [p for p in runtime.storage.flat_parameters() if p.requires_grad]
+        call, tensors = BlockCall.of(runtime, self._module, self.use_checkpoint, device, args, kwargs, len(flat))
+        if torch.is_grad_enabled() and (flat or any(t.requires_grad for t in tensors)):
+            return run_block(call, flat, tensors)
+        runtime.acquire(Phase.FORWARD)  # no graph: nothing is kept for a backward
+        try:
+            runtime.bind()
+            out = self._module(*args, **kwargs)
+        finally:
+            runtime.finish()
+        return tuple(out) if isinstance(out, list) else out
+
+    # --- what users and optimizers see -------------------------------------------------
+    def grouped_parameters(self) -> Iterator[tuple[str | None, list[torch.nn.Parameter]]]:
+        """``(group, [flat shard params])``: the tensors an optimizer should update."""
+        yield from self.storage.grouped_parameters()
+
+    def init_parameters(self) -> None:
+        """Run each parameter's ``init_method`` on its full tensor (one at a time); keep the shard."""
+        init_block_parameters(self._module)
+        self.runtime.shared.release_if_idle()  # a kept gather is stale now
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.storage.zero_grad(set_to_none)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return self._module.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._module.named_buffers(prefix, recurse, remove_duplicate)
+
+    def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        return self._module.named_children()
+
+    def named_modules(
+        self, memo: set[torch.nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Module]]:
+        """This Block (in place of its inner module), then the inner module's descendants."""
+        memo = set() if memo is None else memo
+        if self in memo:
+            return
+        if remove_duplicate:
+            memo.add(self)
+        yield prefix, self
+        for name, child in self._module.named_children():
+            sub = prefix + ("." if prefix else "") + name
+            yield from child.named_modules(memo, sub, remove_duplicate)
+
+    def apply(self, fn: Callable[[torch.nn.Module], None]) -> Block:
+        self._module.apply(fn)
+        fn(self)
+        return self
+
+    def train(self, mode: bool = True) -> Block:
+        self.training = mode
+        self._module.train(mode)
+        return self
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Block:
+        """Buffers follow ``fn``; flat storage cannot change dtype or device."""
+        for buf in self.storage.buffers:
+            probe = fn(torch.empty(0, dtype=buf.layout.key.dtype, device=buf.device))
+            if probe.dtype != buf.layout.key.dtype or probe.device != buf.device:
+                raise RuntimeError(
+                    f"a Block's parameters live in its flat storage ({buf.layout.key.dtype} on {buf.device}) "
+                    f"and cannot move to {probe.dtype} on {probe.device}; build the model in that dtype"
+                )
+        for module in self._module.modules():
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = fn(b)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def __repr__(self) -> str:
+        return f"Block(zero_level={self.zero_level}, use_checkpoint={self.use_checkpoint}): {self._module!r}"
+
+    # --- state dict ----------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        save_block_state(self._module, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        load_block_state(self._module, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
+        self.runtime.shared.release_if_idle()  # a kept gather is stale now
