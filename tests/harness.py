@@ -15,7 +15,8 @@ import queue
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 PG_TIMEOUT_S = 60  # a collective waiting longer than this raises inside the rank
@@ -38,7 +39,7 @@ def _worker(
     store_path: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
-    init_kwargs: dict[str, Any] | None,
+    init_kwargs: Mapping[str, Any] | None,
     env: dict[str, str],
     results: Any,
 ) -> None:
@@ -52,8 +53,10 @@ def _worker(
 
         torch.set_num_threads(1)  # N ranks share 2 cores: oversubscription slows every collective
         store = dist.FileStore(store_path, world_size)
+        # with GPUs the default group also carries CUDA tensors (torch transport, user interop)
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=world_size,
+            backend, store=store, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
         )
         import bmt_comm
@@ -77,7 +80,7 @@ def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    init_kwargs: dict[str, Any] | None = None,
+    init_kwargs: Mapping[str, Any] | None = MappingProxyType({}),
     env: dict[str, str] | None = None,
     timeout: float = RUN_TIMEOUT_S,
 ) -> list[Any]:
@@ -86,8 +89,8 @@ def run_distributed(
     ``fn`` must be importable (a module-level function). Before it runs, each rank has a gloo
     default group and, unless ``init_kwargs`` is None, ``bmt_comm.init_distributed(**init_kwargs)``.
     """
-    if init_kwargs is None:
-        init_kwargs = {}
+    if init_kwargs is not None:
+        init_kwargs = dict(init_kwargs)
     ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="bmt-dist-") as tmp:

@@ -145,30 +145,49 @@ def _build_communicators(
         ranks = topo.group_ranks(kind)
         if len(ranks) == 1:  # a group of one needs no transport: collectives are copies
             mine.setdefault(ranks, TorchCommunicator(None, ranks, 0, device))
-    for index, ranks in enumerate(_distinct_rank_sets(topo)):
-        member = topo.rank in ranks
-        if backend == "nccl":
-            if not member:
-                continue
-            from .nccl import NcclCommunicator
-
-            if store is None:
-                raise RuntimeError("NCCL communicators need torch.distributed's default store")
-            mine[ranks] = NcclCommunicator.from_store(
-                store, f"bmt_nccl_uid/{_GENERATION}/{index}", ranks, ranks.index(topo.rank), device
-            )
-        elif device.type == "cpu":
-            if member:  # shares the gloo group of objects; destroy() releases it
-                mine[ranks] = TorchCommunicator(object_groups[ranks], ranks, ranks.index(topo.rank), device)
-        else:  # torch transport on GPUs: the NCCL side of the default group
-            world = len(ranks) == topo.world_size
-            pg = dist.group.WORLD if world else dist.new_group(list(ranks))
-            if member:
-                assert pg is not None
-                mine[ranks] = TorchCommunicator(
-                    pg, ranks, ranks.index(topo.rank), device, owns_group=not world
-                )
+    try:
+        for index, ranks in enumerate(_distinct_rank_sets(topo)):
+            comm = _transport(topo, ranks, f"bmt_nccl_uid/{_GENERATION}/{index}", device, backend, store,
+                              object_groups)
+            if comm is not None:
+                mine[ranks] = comm
+    except BaseException:
+        for comm in mine.values():  # the NCCL communicators made before the failure
+            comm.close()
+        raise
     return Communicators(**{kind.value: mine[topo.group_ranks(kind)] for kind in GroupKind})
+
+
+def _transport(
+    topo: Topology,
+    ranks: tuple[int, ...],
+    key: str,
+    device: torch.device,
+    backend: str,
+    store: Store | None,
+    object_groups: dict[tuple[int, ...], dist.ProcessGroup],
+) -> Communicator | None:
+    """This rank's communicator over ``ranks`` (None if not a member). Called by every rank."""
+    member = topo.rank in ranks
+    if backend == "nccl":
+        if not member:
+            return None
+        from .nccl import NcclCommunicator
+
+        if store is None:
+            raise RuntimeError("NCCL communicators need torch.distributed's default store")
+        return NcclCommunicator.from_store(store, key, ranks, ranks.index(topo.rank), device)
+    if device.type == "cpu":
+        # shares the gloo group of objects; destroy() releases it
+        return TorchCommunicator(object_groups[ranks], ranks, ranks.index(topo.rank), device) if member else None
+    # torch transport on GPUs: the NCCL side of the default group; new_group is collective.
+    # A default group without NCCL (gloo only) cannot carry CUDA tensors: make an NCCL group.
+    world = len(ranks) == topo.world_size and "nccl" in str(dist.get_backend()).lower()
+    pg = dist.group.WORLD if world else dist.new_group(list(ranks), backend="nccl")
+    if not member:
+        return None
+    assert pg is not None  # WORLD exists once the default group does
+    return TorchCommunicator(pg, ranks, ranks.index(topo.rank), device, owns_group=not world)
 
 
 def init_distributed(
@@ -265,8 +284,6 @@ def destroy() -> None:
     _set_context(None)
     try:
         for comm in ctx.comms.unique():
-            close = getattr(comm, "close", None)
-            if close is not None:
-                close()
+            comm.close()
     finally:
         _release_groups(ctx.object_groups, ctx.owns_default_group)
