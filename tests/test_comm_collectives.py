@@ -63,21 +63,24 @@ def _check_collectives() -> None:
             return [small_ints(10_000 * salt + 100 * k + di, shape, dtype, nonzero) for k in range(n)]
 
         tag = str(dtype)
+        # layouts (in place, output=, 2-D, blocking p2p) do not depend on the dtype: two dtypes suffice
+        layouts = dtype in (torch.float32, torch.int8)
         # all_gather of odd-length inputs into a preallocated output of another shape
         xs = inputs(1, (7,))
         out = torch.full((n, 7), 99, dtype=dtype, device=dev)
         assert comm.all_gather(xs[r].to(dev), out) is out
         _eq(out, torch.stack(xs), f"all_gather {tag}")
-        xs = inputs(2, (3, 5))
-        out = torch.empty(n * 3, 5, dtype=dtype, device=dev)
-        comm.all_gather(xs[r].to(dev), out)
-        _eq(out, torch.cat(xs), f"all_gather 2-D {tag}")
-        # in place: the input is this rank's slice of the output (as ZeRO gathers do)
-        out = torch.zeros(n * 7, dtype=dtype, device=dev)
-        xs = inputs(3, (7,))
-        out[r * 7 : (r + 1) * 7] = xs[r].to(dev)
-        comm.all_gather(out[r * 7 : (r + 1) * 7], out)
-        _eq(out, torch.cat(xs), f"all_gather in place {tag}")
+        if layouts:
+            xs = inputs(2, (3, 5))
+            out = torch.empty(n * 3, 5, dtype=dtype, device=dev)
+            comm.all_gather(xs[r].to(dev), out)
+            _eq(out, torch.cat(xs), f"all_gather 2-D {tag}")
+            # in place: the input is this rank's slice of the output (as ZeRO gathers do)
+            out = torch.zeros(n * 7, dtype=dtype, device=dev)
+            xs = inputs(3, (7,))
+            out[r * 7 : (r + 1) * 7] = xs[r].to(dev)
+            comm.all_gather(out[r * 7 : (r + 1) * 7], out)
+            _eq(out, torch.cat(xs), f"all_gather in place {tag}")
 
         for oi, op in enumerate(OPS):
             what = f"{op} {tag}"
@@ -89,55 +92,60 @@ def _check_collectives() -> None:
             out = torch.empty(chunk, dtype=dtype, device=dev)
             assert comm.reduce_scatter(pad[r].to(dev), out, op) is out
             _eq(out, reference_reduce(pad, op)[r * chunk : (r + 1) * chunk], f"reduce_scatter {what}")
-            whole = torch.empty(padded_len, dtype=dtype, device=dev)
-            comm.all_gather(out, whole)
-            _eq(whole[:11], reference_reduce(xs, op), f"reduce_scatter+all_gather {what}")
-            # in place: output is this rank's chunk of the input
-            buf = pad[r].to(dev).clone()
-            comm.reduce_scatter(buf, buf[r * chunk : (r + 1) * chunk], op)
-            _eq(buf[r * chunk : (r + 1) * chunk], reference_reduce(pad, op)[r * chunk : (r + 1) * chunk],
-                f"reduce_scatter in place {what}")
+            if layouts:
+                whole = torch.empty(padded_len, dtype=dtype, device=dev)
+                comm.all_gather(out, whole)
+                _eq(whole[:11], reference_reduce(xs, op), f"reduce_scatter+all_gather {what}")
+                # in place: output is this rank's chunk of the input
+                buf = pad[r].to(dev).clone()
+                comm.reduce_scatter(buf, buf[r * chunk : (r + 1) * chunk], op)
+                _eq(buf[r * chunk : (r + 1) * chunk], reference_reduce(pad, op)[r * chunk : (r + 1) * chunk],
+                    f"reduce_scatter in place {what}")
             # all_reduce in place and into an output of another shape
             xs = inputs(20 + oi, (2, 3))
             t = xs[r].to(dev).clone()
             assert comm.all_reduce(t, op) is t
             _eq(t, reference_reduce(xs, op), f"all_reduce {what}")
-            src = xs[r].to(dev)
-            out = torch.empty(6, dtype=dtype, device=dev)
-            comm.all_reduce(src, op, output=out)
-            _eq(out, reference_reduce(xs, op).view(-1), f"all_reduce output= {what}")
-            _eq(src, xs[r], f"all_reduce output= leaves input {what}")
+            if layouts:
+                src = xs[r].to(dev)
+                out = torch.empty(6, dtype=dtype, device=dev)
+                comm.all_reduce(src, op, output=out)
+                _eq(out, reference_reduce(xs, op).view(-1), f"all_reduce output= {what}")
+                _eq(src, xs[r], f"all_reduce output= leaves input {what}")
             # reduce to the last rank; a non-root in-place input is left as it was
             root = n - 1
             t = xs[r].to(dev).clone()
             comm.reduce(t, root, op)
             _eq(t, reference_reduce(xs, op) if r == root else xs[r], f"reduce {what}")
-            out = torch.empty(2, 3, dtype=dtype, device=dev)
-            comm.reduce(xs[r].to(dev), root, op, output=out)
-            if r == root:
-                _eq(out, reference_reduce(xs, op), f"reduce output= {what}")
+            if layouts:
+                out = torch.empty(2, 3, dtype=dtype, device=dev)
+                comm.reduce(xs[r].to(dev), root, op, output=out)
+                if r == root:
+                    _eq(out, reference_reduce(xs, op), f"reduce output= {what}")
 
         for root in {0, n - 1}:
             xs = inputs(40 + root, (5,))
             t = xs[r].to(dev).clone()
             assert comm.broadcast(t, root) is t
             _eq(t, xs[root], f"broadcast root {root} {tag}")
-            out = torch.empty(5, dtype=dtype, device=dev)
-            comm.broadcast(xs[r].to(dev), root, output=out)
-            _eq(out, xs[root], f"broadcast output= root {root} {tag}")
+            if layouts:
+                out = torch.empty(5, dtype=dtype, device=dev)
+                comm.broadcast(xs[r].to(dev), root, output=out)
+                _eq(out, xs[root], f"broadcast output= root {root} {tag}")
 
         if n > 1:
             xs = inputs(50, (9,))
             nxt, prv = (r + 1) % n, (r - 1) % n
-            got = torch.empty(9, dtype=dtype, device=dev)
-            # blocking send/recv around a ring: even ranks send first, odd ranks receive first
-            if r % 2 == 0:
-                comm.send(xs[r].to(dev), nxt)
-                comm.recv(got, prv)
-            else:
-                comm.recv(got, prv)
-                comm.send(xs[r].to(dev), nxt)
-            _eq(got, xs[prv], f"send/recv {tag}")
+            if layouts:
+                got = torch.empty(9, dtype=dtype, device=dev)
+                # blocking send/recv around a ring: even ranks send first, odd ranks receive first
+                if r % 2 == 0:
+                    comm.send(xs[r].to(dev), nxt)
+                    comm.recv(got, prv)
+                else:
+                    comm.recv(got, prv)
+                    comm.send(xs[r].to(dev), nxt)
+                _eq(got, xs[prv], f"send/recv {tag}")
             # group(): everyone sends first and receives second; batching makes it deadlock-free
             got_prev = torch.empty(9, dtype=dtype, device=dev)
             got_next = torch.empty(9, dtype=dtype, device=dev)
@@ -154,7 +162,8 @@ def _check_collectives() -> None:
     xs = [torch.randn(33, generator=torch.Generator().manual_seed(7 + k)) for k in range(n)]
     t = xs[r].to(dev).clone()
     comm.all_reduce(t, "avg")
-    torch.testing.assert_close(t.cpu(), torch.stack(xs).mean(0), rtol=1e-5, atol=1e-6)
+    expected = torch.stack(xs).mean(0)  # (torch.testing.assert_close would import DTensor: seconds per rank)
+    assert torch.allclose(t.cpu(), expected, rtol=1e-5, atol=1e-6), (t.cpu() - expected).abs().max()
     out = torch.empty(n * 33, device=dev)
     comm.all_gather(xs[r].to(dev), out)
     assert torch.equal(out.cpu(), torch.cat(xs))  # data movement is exact

@@ -98,11 +98,12 @@ LONE_PROCESS = textwrap.dedent(
 
 
 def test_lone_process_without_launch_env():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a GPU machine
     proc = subprocess.run(
-        [sys.executable, "-c", LONE_PROCESS], env=env, capture_output=True, text=True, timeout=120,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        [sys.executable, "-c", LONE_PROCESS], env=env, capture_output=True, text=True, timeout=120, cwd=repo
     )
     assert proc.returncode == 0, proc.stderr
     assert "LONE PROCESS OK" in proc.stdout

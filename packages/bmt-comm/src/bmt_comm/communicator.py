@@ -202,6 +202,10 @@ class Communicator(ABC):
         with self._group():
             yield
 
+    def close(self) -> None:
+        """Release what the transport holds (``bmt_comm.destroy()`` calls it); default: nothing."""
+        return None
+
     def barrier(self) -> None:
         flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._all_reduce(flag, flag, ReduceOp.SUM)
