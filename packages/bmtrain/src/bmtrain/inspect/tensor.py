@@ -28,8 +28,8 @@ class _Record:
     name: str
     group: str | None
     tensor: torch.Tensor  # the forward value, kept as recorded (this rank's piece)
-    # the forward value could carry no gradient (a checkpointed forward runs under no_grad):
-    # the recomputation in backward supplies a tensor that does
+    # no gradient can reach the forward value (it was made under no_grad, as a checkpointed
+    # forward is, or does not require grad): a recomputation in backward may supply one that does
     awaiting_recompute: bool
     grad: torch.Tensor | None = None  # summed over every backward pass inside the context
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -69,9 +69,13 @@ class InspectTensor:
                     rec.awaiting_recompute = False
                     rec.attach(x)
                 return
-            rec = _Record(name, group, x, awaiting_recompute=not x.requires_grad)
+            # under no_grad (a checkpointed forward) no graph reaches x, even when x is a leaf
+            # that requires grad: its gradient can only come through the recomputation
+            awaiting = not (torch.is_grad_enabled() and x.requires_grad)
+            rec = _Record(name, group, x, awaiting_recompute=awaiting)
             self._records.append(rec)
-        rec.attach(x)
+        if not awaiting:
+            rec.attach(x)
 
     def _match_recomputed(self, x: torch.Tensor, name: str, group: str | None) -> _Record | None:
         """The forward record that a recomputed ``x`` repeats, or None if none awaits it.

@@ -1,0 +1,150 @@
+"""The training run of one rank: the BMTrain training loop as users write it."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import bmtrain as bmt
+
+from .data import CharCorpus
+from .gpt import GPT, GPTConfig
+from .llama import Llama, LlamaConfig
+from .metrics import count_parameters, model_flops_utilization, peak_bf16_flops, peak_memory_gib
+from .options import Precision, TrainOptions
+
+__all__ = ["RunResult", "run", "build_model"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    first_loss: float
+    final_loss: float
+    steps: int
+    tokens_per_s: float
+    n_params: int
+    checkpoint: str | None
+
+
+def build_model(opts: TrainOptions, vocab_size: int, dtype: torch.dtype) -> torch.nn.Module:
+    assert opts.layers and opts.hidden and opts.heads and opts.seq  # filled by opts.resolved()
+    if opts.model == "gpt":
+        return GPT(GPTConfig(
+            vocab_size=vocab_size, block_size=opts.seq, n_layer=opts.layers, n_head=opts.heads,
+            n_embd=opts.hidden, dtype=dtype, use_checkpoint=opts.checkpointing, pipeline=opts.pipe > 1,
+        ))
+    return Llama(LlamaConfig(
+        vocab_size=vocab_size, block_size=opts.seq, n_layer=opts.layers, n_head=opts.heads,
+        n_kv_head=max(1, opts.heads // 2), n_embd=opts.hidden, dtype=dtype,
+        use_checkpoint=opts.checkpointing, pipeline=opts.pipe > 1,
+    ))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run(opts: TrainOptions) -> RunResult:
+    """Initialise, train ``opts.steps`` steps, save; every rank calls it (collective)."""
+    bmt.init_distributed(
+        init_method=opts.init_method, seed=opts.seed, pipe_size=opts.pipe if opts.pipe > 1 else -1, tp_size=opts.tp
+    )
+    try:
+        return _train(opts)
+    finally:
+        bmt.init.destroy()
+
+
+def _train(opts: TrainOptions) -> RunResult:
+    device = _device()
+    opts = opts.resolved(device)
+    assert opts.batch and opts.seq and opts.steps
+    dtype = opts.precision.dtype(device)
+    rank, world = bmt.rank(), bmt.world_size()
+
+    corpus = CharCorpus.packaged()
+    model = build_model(opts, corpus.vocab_size, dtype)
+    bmt.init_parameters(model)  # same seed on every rank: identical values, each rank keeps its shard
+    n_params = count_parameters(model)
+
+    loss_fn = bmt.loss.FusedCrossEntropy(ignore_index=-100)
+    adam = bmt.optim.AdamOffloadOptimizer if opts.offload else bmt.optim.AdamOptimizer
+    optimizer = adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    lr_scheduler = bmt.lr_scheduler.Cosine(
+        optimizer, start_lr=opts.lr, warmup_iter=opts.warmup, end_iter=opts.steps, num_iter=0
+    )
+    optim_manager = bmt.optim.OptimManager(loss_scale=2**15 if opts.precision is Precision.FP16 else None)
+    optim_manager.add_optimizer(optimizer, lr_scheduler)
+
+    # every rank draws its own windows: a pipeline gathers its ranks' batches and hands each
+    # rank back its own outputs, so from here it looks data-parallel either way
+    gen = torch.Generator().manual_seed(opts.seed * 1000 + rank)
+    peak = peak_bf16_flops(device)
+    tokens_per_step = opts.batch * opts.seq * world
+
+    bmt.print_rank(
+        f"{opts.model}: {n_params / 1e6:.2f}M parameters, {opts.layers} layers, hidden {opts.hidden}, "
+        f"{dtype}, {world} processes ({opts.pipe} pipeline stages) on {device.type}, "
+        f"{opts.batch} x {opts.seq} tokens per rank and step, {opts.steps} steps"
+        + (", optimizer offloaded to the CPU" if opts.offload else "")
+    )
+    bar = tqdm(total=opts.steps, disable=rank != 0, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    first_loss = math.nan
+    loss_value = math.nan
+    start = time.perf_counter()
+    step_start = start
+    tok_s = 0.0
+    for step in range(opts.steps):
+        x, y = corpus.batch(opts.batch, opts.seq, gen)  # (B, T) each
+        x, y = x.to(device), y.to(device)
+
+        optim_manager.zero_grad()
+        logits = model(x)  # (B, T, vocab)
+        loss = loss_fn(logits.view(-1, logits.shape[-1]), y.view(-1))
+        optim_manager.backward(loss)
+        optim_manager.clip_grad_norm(optimizer.param_groups, max_norm=1.0)
+        optim_manager.step()
+
+        loss_value = bmt.sum_loss(loss).item()  # the mean over ranks
+        if step == 0:
+            first_loss = loss_value
+        now = time.perf_counter()
+        tok_s = tokens_per_step / (now - step_start)
+        step_start = now
+        bar.set_postfix_str(_postfix(loss_value, tok_s, lr_scheduler.current_lr, n_params, world, peak, device))
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    checkpoint = None
+    if opts.save_path:
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(opts.save_path)), exist_ok=True)
+        bmt.save(model, opts.save_path)
+        checkpoint = opts.save_path
+    mean_tok_s = tokens_per_step * opts.steps / elapsed
+    bmt.print_rank(f"first loss: {first_loss:.4f}")
+    bmt.print_rank(f"final loss: {loss_value:.4f}")
+    bmt.print_rank(
+        f"{opts.steps} steps in {elapsed:.1f} s, {mean_tok_s:,.0f} tokens/s"
+        + (f", checkpoint saved to {checkpoint}" if checkpoint else "")
+    )
+    return RunResult(first_loss, loss_value, opts.steps, mean_tok_s, n_params, checkpoint)
+
+
+def _postfix(loss: float, tok_s: float, lr: float, n_params: int, world: int, peak: float | None,
+             device: torch.device) -> str:
+    parts = [f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tok_s:,.0f} tok/s"]
+    if device.type == "cuda":
+        mfu = model_flops_utilization(n_params, tok_s, world, peak)
+        parts.append(f"MFU {mfu:.1%}" if mfu is not None else "MFU unknown")
+        mem = peak_memory_gib(device)
+        if mem is not None:
+            parts.append(f"mem {mem:.2f} GiB")
+    return ", ".join(parts)

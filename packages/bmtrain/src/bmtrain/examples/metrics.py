@@ -1,0 +1,49 @@
+"""Throughput figures for the progress bar: parameter count, MFU and peak memory."""
+
+from __future__ import annotations
+
+import torch
+
+import bmtrain as bmt
+
+__all__ = ["count_parameters", "peak_bf16_flops", "model_flops_utilization", "peak_memory_gib"]
+
+# dense bf16 tensor-core peak per GPU (no sparsity), by a substring of the device name
+_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Logical parameter count: the full shape of each sharded parameter, each parameter once."""
+    total = 0
+    for p in model.parameters():
+        if isinstance(p, bmt.DistributedParameter):
+            shape = p._tp_original_shape if p._tp_mode else p._original_shape
+            total += shape.numel()
+        else:
+            total += p.numel()
+    return total
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """The card's bf16 peak in FLOP/s, or None when the device is not a known GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_BF16:
+        if key in name:
+            return flops
+    return None
+
+
+def model_flops_utilization(n_params: int, tokens_per_s: float, n_gpus: int, peak: float | None) -> float | None:
+    """``6 * params * tokens/s`` over the peak of all GPUs (None when the peak is unknown)."""
+    if peak is None or n_gpus < 1:
+        return None
+    return 6.0 * n_params * tokens_per_s / (peak * n_gpus)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak CUDA memory allocated by this process, in GiB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
