@@ -1,6 +1,25 @@
 """bmt-zero: ZeRO-sharded parameters and modules, flat sharded storage, checkpoints, tensor-parallel layers."""
 
+from .flat_storage import FlatStorage
+from .gather import gather_for_state, gather_full, gather_to
+from .grouping import grouped_parameters
+from .init_params import init_parameters
+from .module import DistributedModule
 from .parameter import DistributedParameter, InitMethod, ParameterInitializer
 from .partition import Partition
+from .wrapper import make_distributed
 
-__all__ = ["DistributedParameter", "InitMethod", "ParameterInitializer", "Partition"]
+__all__ = [
+    "DistributedModule",
+    "DistributedParameter",
+    "FlatStorage",
+    "InitMethod",
+    "ParameterInitializer",
+    "Partition",
+    "gather_for_state",
+    "gather_full",
+    "gather_to",
+    "grouped_parameters",
+    "init_parameters",
+    "make_distributed",
+]

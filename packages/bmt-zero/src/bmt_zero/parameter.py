@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 import bmt_comm
+import torch
 from bmt_comm import Communicator
 
 from .partition import Partition
@@ -114,14 +113,14 @@ class DistributedParameter(torch.nn.Parameter):
     def group(self) -> str | None:
         return self._group
 
-    def gather(self) -> torch.Tensor:
+    def gather(self) -> torch.Tensor:  # type: ignore[override]  # the reference's API, not Tensor.gather
         """The full tensor of ``_original_shape`` (all-gathered); its gradient returns to the shard."""
         if self._in_block:
             raise RuntimeError(
                 "gather() is for parameters outside a Block; inside a Block the parameter is "
                 "already full during the block's forward and backward"
             )
-        out: torch.Tensor = _Gather.apply(self)
+        out: torch.Tensor = _Gather.apply(self)  # type: ignore[no-untyped-call]
         return out
 
     def tp_gather(self) -> torch.Tensor:
@@ -144,7 +143,7 @@ class DistributedParameter(torch.nn.Parameter):
         with torch.no_grad():
             self.data.copy_(data.detach().reshape(-1)[self._start_partition : self._end_partition])
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # type: ignore[override]
         return (
             f"DistributedParameter(shape={tuple(self._original_shape)}, dtype={self.dtype}, "
             f"shard=[{self._start_partition}, {self._end_partition}), group={self._group!r}, "
