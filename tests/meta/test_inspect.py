@@ -297,6 +297,33 @@ def test_inspect_model_over_sharded_and_plain_parameters(spawn: Any) -> None:
     spawn(_inspect_model_without_blocks)
 
 
+def _inspect_model_under_tensor_parallelism() -> None:
+    import bmtrain as bmt
+
+    class TP(bmt.DistributedModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.col = bmt.nn.ColumnParallelLinear(6, 10, bias=True)  # weight split on dim 0 over tp
+            self.row = bmt.nn.RowParallelLinear(10, 3, bias=True)  # weight split on dim 1, bias replicated
+
+    model = TP()
+    bmt.init_parameters(model)
+    full = model.state_dict()  # whole, un-split tensors
+    stats = bmt.inspect.inspect_model(model, "*")
+    assert [s["name"] for s in stats] == list(full)
+    for s in stats:
+        name = s["name"]
+        ref = _stats(full[name])
+        assert s["shape"] == tuple(full[name].shape), (name, s["shape"])
+        for key in ("min", "max", "mean", "std"):
+            _close(s[key], ref[key], f"{name} {key}")
+
+
+@pytest.mark.world_size(4)
+def test_inspect_model_pools_tensor_parallel_slices(spawn: Any) -> None:
+    spawn(_inspect_model_under_tensor_parallelism, tp_size=2)
+
+
 # --- no process group needed ----------------------------------------------------------------
 def test_record_tensor_rules() -> None:
     import bmtrain as bmt
