@@ -7,6 +7,7 @@ from .init_params import init_parameters
 from .module import DistributedModule
 from .parameter import DistributedParameter, InitMethod, ParameterInitializer
 from .partition import Partition
+from .store import load, load_sharded, save, save_sharded
 from .wrapper import make_distributed
 
 __all__ = [
@@ -21,5 +22,9 @@ __all__ = [
     "gather_to",
     "grouped_parameters",
     "init_parameters",
+    "load",
+    "load_sharded",
     "make_distributed",
+    "save",
+    "save_sharded",
 ]

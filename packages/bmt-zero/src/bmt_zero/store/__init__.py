@@ -1,0 +1,26 @@
+"""Checkpoints: one full file readable by plain ``torch.load`` (``save``/``load``), or one
+safetensors file per rank that loads at any world size (``save_sharded``/``load_sharded``)."""
+
+from bmt_comm import allgather_objects, broadcast_object
+
+from .atomic import atomic_write
+from .gathered import _save_to_local_rank0, _save_to_rank0, load, load_state_into, save
+from .infer import _save_to_infer_model
+from .sharded import load_sharded, save_sharded
+from .view import DistributedStateDictWrapper, DistributedTensorWrapper
+
+__all__ = [
+    "DistributedStateDictWrapper",
+    "DistributedTensorWrapper",
+    "_save_to_infer_model",
+    "_save_to_local_rank0",
+    "_save_to_rank0",
+    "allgather_objects",
+    "atomic_write",
+    "broadcast_object",
+    "load",
+    "load_sharded",
+    "load_state_into",
+    "save",
+    "save_sharded",
+]

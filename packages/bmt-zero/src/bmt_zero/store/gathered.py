@@ -1,0 +1,230 @@
+"""Single-file checkpoints, readable by plain ``torch.load``: ``save``, ``load`` and the
+state-dict helpers clients call (``_save_to_rank0``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from itertools import chain
+from typing import Any, BinaryIO
+
+import bmt_comm
+import torch
+from bmt_comm import Communicator
+from torch.nn.modules.module import _IncompatibleKeys
+
+from ..gather import gather_to
+from . import background
+from .atomic import atomic_write, describe
+from .view import DistributedStateDictWrapper
+
+__all__ = ["save", "load", "load_state_into", "_save_to_rank0", "_save_to_local_rank0"]
+
+StateDict = dict[str, Any]
+PathLike = str | os.PathLike[str]
+
+
+def _new_state() -> StateDict:
+    state: StateDict = OrderedDict()
+    setattr(state, "_metadata", OrderedDict())  # noqa: B010 - torch keeps metadata as an attribute
+    return state
+
+
+def _collect(module: torch.nn.Module, destination: StateDict, prefix: str) -> StateDict:
+    """``module.state_dict()``'s walk, except that ``module`` itself is saved through
+    ``_save_to_state_dict`` (so a ``state_dict`` override that calls us does not recurse)."""
+    local_metadata: dict[str, Any] = {"version": module._version}
+    metadata = getattr(destination, "_metadata", None)
+    if metadata is not None:
+        metadata[prefix[:-1]] = local_metadata
+    for pre_hook in module._state_dict_pre_hooks.values():
+        pre_hook(module, prefix, False)
+    module._save_to_state_dict(destination, prefix, False)
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if type(child).state_dict is not torch.nn.Module.state_dict:  # e.g. a Block or a client override
+            child.state_dict(destination=destination, prefix=prefix + name + ".", keep_vars=False)
+        else:
+            _collect(child, destination, prefix + name + ".")
+    for hook in module._state_dict_hooks.values():
+        result = hook(module, destination, prefix, local_metadata)
+        if result is not None and not getattr(hook, "_from_public_api", False):
+            destination = result
+    return destination
+
+
+def _state_on(model: torch.nn.Module, keep: bool, dst: int | None, destination: StateDict | None,
+              prefix: str) -> StateDict:
+    scratch = destination if keep and destination is not None else _new_state()
+    with gather_to(dst):
+        state = _collect(model, scratch, prefix)
+    if keep:
+        return state
+    return destination if destination is not None else _new_state()
+
+
+def _save_to_rank0(
+    model: torch.nn.Module, destination: StateDict | None = None, prefix: str = ""
+) -> StateDict:
+    """Collective: the full state dict on global rank 0, an empty one elsewhere.
+
+    Parameters are gathered one at a time straight to rank 0; other ranks never hold them whole.
+    """
+    ctx = bmt_comm.get_context()
+    return _state_on(model, ctx.rank == 0, 0, destination, prefix)
+
+
+def _save_to_local_rank0(
+    model: torch.nn.Module, destination: StateDict | None = None, prefix: str = ""
+) -> StateDict:
+    """Collective: the full state dict on each node's local rank 0, an empty one elsewhere."""
+    ctx = bmt_comm.get_context()
+    return _state_on(model, ctx.local_rank == 0, None, destination, prefix)
+
+
+def _to_cpu(state: StateDict, model: torch.nn.Module, own: bool) -> StateDict:
+    """Every tensor on CPU (a file loads on any host); with ``own``, none shares memory with the model."""
+    shared = {
+        t.untyped_storage().data_ptr()
+        for t in chain(model.parameters(), model.buffers())
+        if t.device.type == "cpu" and t.numel() > 0
+    } if own else set()
+    out: StateDict = OrderedDict()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.device.type != "cpu":
+                value = value.cpu()
+            elif value.numel() > 0 and value.untyped_storage().data_ptr() in shared:
+                value = value.clone()  # training goes on while the background thread writes
+        out[key] = value
+    setattr(out, "_metadata", getattr(state, "_metadata", OrderedDict()))  # noqa: B010
+    return out
+
+
+def _write(state: StateDict, path: str) -> None:
+    def write(f: BinaryIO) -> None:
+        torch.save(state, f)
+
+    atomic_write(path, write)
+
+
+def _agree(error: BaseException | None, comm: Communicator, what: str) -> None:
+    """Rank 0's failure becomes every rank's (instead of a hang in the next collective)."""
+    message = bmt_comm.broadcast_object(describe(error), comm, 0)
+    if message is None:
+        return
+    if error is not None:
+        raise error
+    raise RuntimeError(f"{what} failed on rank {comm.global_ranks[0]}: {message}")
+
+
+def _join_background(comm: Communicator) -> None:
+    """Wait for rank 0's pending non-blocking save; its failure is raised on every rank."""
+    error = background.wait() if comm.rank == 0 else None
+    _agree(error, comm, "the previous non-blocking bmt.save")
+
+
+def save(model: torch.nn.Module, file: PathLike, non_blocking: bool = False) -> None:
+    """Collective: write ``model``'s full state dict to ``file`` from rank 0.
+
+    Plain ``torch.load(file)`` reads it back (an OrderedDict with ``_metadata``, every tensor on
+    CPU). The write is atomic: a crash leaves the previous file, never a partial one. With
+    ``non_blocking`` the file is written by a background thread while training goes on; the next
+    ``save``/``load`` and interpreter exit wait for it.
+    """
+    ctx = bmt_comm.get_context()
+    world = ctx.comms.world
+    path = os.fspath(file)
+    _join_background(world)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    state = _save_to_rank0(model)
+    error: BaseException | None = None
+    if world.rank == 0:
+        try:
+            state = _to_cpu(state, model, own=non_blocking)
+            if non_blocking:
+                background.submit(functools.partial(_write, state, path))
+            else:
+                _write(state, path)
+        except Exception as ex:
+            error = ex
+    del state
+    _agree(error, world, f"bmt.save to {path!r}")
+    bmt_comm.synchronize()
+
+
+def _read(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True)  # pages come in as tensors are sent
+    except RuntimeError as ex:
+        if "mmap" not in str(ex):
+            raise
+        return torch.load(path, map_location="cpu")  # legacy (non-zip) files can't be mapped
+
+
+def load(model: torch.nn.Module, file: PathLike, strict: bool = True) -> _IncompatibleKeys:
+    """Collective: load a full state dict that only rank 0 needs to be able to read.
+
+    Rank 0 reads ``file``; DistributedParameters receive only their piece, ordinary tensors are
+    broadcast, one tensor at a time. Missing/unexpected keys and shape errors are reported as
+    ``torch.nn.Module.load_state_dict`` reports them.
+    """
+    world = bmt_comm.get_context().comms.world
+    _join_background(world)
+    state: Any = None
+    error: BaseException | None = None
+    if world.rank == 0:
+        try:
+            state = _read(os.fspath(file))
+            if not isinstance(state, Mapping):
+                raise TypeError(f"{os.fspath(file)!r} holds a {type(state).__name__}, not a state dict")
+        except Exception as ex:
+            error = ex
+    view = DistributedStateDictWrapper(state, world, 0, error)
+    del state
+    return load_state_into(model, view, strict)
+
+
+def _restrict(state: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    if isinstance(state, DistributedStateDictWrapper):
+        return state.restrict(prefix)
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_state_into(model: torch.nn.Module, state: Mapping[str, Any], strict: bool = True) -> _IncompatibleKeys:
+    """``model.load_state_dict(state, strict)`` without copying ``state`` first, so a lazy
+    ``DistributedStateDictWrapper`` stays lazy; same walk, hooks, errors and result as torch's."""
+    missing: list[str] = []
+    unexpected: list[str] = []
+    errors: list[str] = []
+    metadata = getattr(state, "_metadata", None)
+
+    def walk(module: torch.nn.Module, local: Mapping[str, Any], prefix: str) -> None:
+        local_metadata = {} if metadata is None else metadata.get(prefix[:-1], {})
+        module._load_from_state_dict(local, prefix, local_metadata, True, missing, unexpected, errors)
+        for name, child in module._modules.items():
+            if child is not None:
+                child_prefix = prefix + name + "."
+                walk(child, _restrict(local, child_prefix), child_prefix)
+        incompatible = _IncompatibleKeys(missing, unexpected)
+        hooks: list[Callable[..., Any]] = list(module._load_state_dict_post_hooks.values())
+        for hook in hooks:
+            if hook(module, incompatible) is not None:
+                raise AssertionError("load_state_dict post hooks must not return a value; edit the keys in place")
+
+    walk(model, state, "")
+    if strict:
+        if unexpected:
+            errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+        if missing:
+            errors.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+    if errors:
+        raise RuntimeError(
+            "Error(s) in loading state_dict for {}:\n\t{}".format(type(model).__name__, "\n\t".join(errors))
+        )
+    return _IncompatibleKeys(missing, unexpected)

@@ -1,0 +1,167 @@
+"""bmt_zero.save / load: one file plain torch.load reads; atomic; non-blocking; errors as torch's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from ._models import full_state as _full_state
+from ._models import same as _same
+from ._models import store_model as _model
+
+
+def _check_store(tmp: str) -> None:
+    import bmt_comm
+    import bmt_zero
+    from bmt_zero.store import _save_to_rank0, background
+
+    rank = bmt_comm.rank()
+    model = _model()
+    want = _full_state(model)
+    assert "lin.weight" in want and "norm.num_batches_tracked" in want and "mlp.w1" in want
+
+    # ModelCenter-style override: full dict on rank 0 only, no recursion
+    sd = model.state_dict()
+    if rank == 0:
+        _same(sd, want, "override")
+    else:
+        assert len(sd) == 0
+
+    path = os.path.join(tmp, "ckpt.pt")
+    bmt_zero.save(model, path)
+    if rank == 0:
+        on_disk = torch.load(path)  # plain torch, no map_location needed: everything is on CPU
+        assert hasattr(on_disk, "_metadata") and on_disk._metadata["mlp"]["version"] == 1
+        _same(on_disk, want, "file")
+        assert all(v.device.type == "cpu" for v in on_disk.values())
+
+    # load: the file is needed on rank 0 only
+    only0 = os.path.join(tmp, "rank0-only.pt")
+    if rank == 0:
+        os.link(path, only0)
+    fresh = _model(scale=0.0)
+    result = bmt_zero.load(fresh, only0 if rank == 0 else os.path.join(tmp, "nowhere.pt"))
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    _same(_full_state(fresh), want, "load")
+
+    # wrong shape: every rank raises torch's message naming the key and both shapes
+    wide = _model(wide=True)
+    wide_path = os.path.join(tmp, "wide.pt")
+    bmt_zero.save(wide, wide_path)
+    with pytest.raises(RuntimeError, match=r"size mismatch for emb: copying a param with shape "
+                                           r"torch.Size\(\[12, 3\]\) from checkpoint, the shape in "
+                                           r"current model is torch.Size\(\[11, 3\]\)"):
+        bmt_zero.load(_model(scale=0.0), wide_path)
+
+    # missing / unexpected keys as torch reports them (strict=False returns them)
+    partial = {k: v for k, v in want.items() if k not in ("mlp.b2", "norm.running_var")}
+    partial["mlp.extra"] = torch.ones(2)
+    partial["ghost.weight"] = torch.ones(2)
+    odd_path = os.path.join(tmp, "odd.pt")
+    if rank == 0:
+        torch.save(partial, odd_path)
+    bmt_comm.synchronize()
+    got = bmt_zero.load(_model(scale=0.0), odd_path, strict=False)
+    twin = _model(scale=0.0)
+    torch_says = torch.nn.Module.load_state_dict(twin, partial, strict=False)  # torch's own walk
+    assert (got.missing_keys, got.unexpected_keys) == (torch_says.missing_keys, torch_says.unexpected_keys)
+    assert got.missing_keys == ["mlp.b2", "norm.running_var"]
+    assert got.unexpected_keys == ["ghost.weight", "mlp.extra"]  # the root reports first
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\) in state_dict: "mlp.b2", "norm.running_var".*'
+                                           r'Unexpected key\(s\) in state_dict: "ghost.weight", "mlp.extra"'):
+        bmt_zero.load(_model(scale=0.0), odd_path)
+    with pytest.raises((FileNotFoundError, RuntimeError), match="reading the checkpoint failed on rank 0|No such file"):
+        bmt_zero.load(_model(scale=0.0), os.path.join(tmp, "missing.pt"))
+
+    # a save interrupted midway leaves the previous file intact and no temporary behind
+    real_save = torch.save
+
+    def broken_save(obj: object, f: object) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")  # type: ignore[attr-defined]
+        raise OSError("disk full (simulated)")
+
+    changed = _model(scale=2.0)
+    torch.save = broken_save
+    try:
+        with pytest.raises((OSError, RuntimeError), match="disk full"):
+            bmt_zero.save(changed, path)
+    finally:
+        torch.save = real_save
+    if rank == 0:
+        _same(torch.load(path), want, "after interrupted save")
+        assert sorted(os.listdir(tmp)) == ["ckpt.pt", "odd.pt", "rank0-only.pt", "wide.pt"], os.listdir(tmp)
+
+    # non-blocking: the file holds the values at save time though training goes on meanwhile
+    def slow_save(obj: object, f: object) -> None:
+        time.sleep(0.3)
+        real_save(obj, f)
+
+    nb_path = os.path.join(tmp, "nb.pt")
+    torch.save = slow_save  # looked up by the writer thread: patched until it has finished
+    try:
+        bmt_zero.save(model, nb_path, non_blocking=True)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(100.0)  # in place, while rank 0's thread is still writing
+            model.norm.running_mean.add_(100.0)
+        if rank == 0:
+            assert not os.path.exists(nb_path)  # still being written
+        bmt_zero.save(model, os.path.join(tmp, "after.pt"))  # waits for the pending one first
+    finally:
+        torch.save = real_save
+    if rank == 0:
+        _same(torch.load(nb_path), want, "non-blocking file")
+        assert torch.equal(torch.load(os.path.join(tmp, "after.pt"))["mlp.w1"], want["mlp.w1"] + 100.0)
+
+    # a failed background write is raised by the next save, on every rank
+    calls = []
+
+    def broken_once(obj: object, f: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            broken_save(obj, f)
+        real_save(obj, f)
+
+    torch.save = broken_once
+    try:
+        bmt_zero.save(model, nb_path, non_blocking=True)
+        with pytest.raises((OSError, RuntimeError), match="disk full"):
+            bmt_zero.save(model, nb_path)
+    finally:
+        torch.save = real_save
+    assert len(calls) == (1 if rank == 0 else 0)  # the failed write was reported, not retried
+    assert background.wait() is None
+    if rank == 0:
+        _same(torch.load(nb_path), want, "non-blocking file after a failed rewrite")
+    assert _save_to_rank0(model) is not None
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_save_load(spawn, world_size, tmp_path):
+    spawn(_check_store, str(tmp_path))
+
+
+def test_exit_waits_for_non_blocking_save(tmp_path):
+    """The interpreter does not exit before a background save has finished writing."""
+    path = tmp_path / "exit.pt"
+    script = textwrap.dedent(f"""
+        import time, torch, bmt_comm, bmt_zero
+        bmt_comm.init_distributed()
+        real = torch.save
+        def slow(obj, f):
+            time.sleep(1.0)
+            real(obj, f)
+        torch.save = slow
+        model = bmt_zero.make_distributed(torch.nn.Linear(3, 2))
+        bmt_zero.save(model, {str(path)!r}, non_blocking=True)
+        assert not __import__("os").path.exists({str(path)!r})
+    """)
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    assert list(torch.load(path)) == ["weight", "bias"]
