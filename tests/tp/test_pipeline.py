@@ -1,0 +1,262 @@
+"""Pipeline parallelism: layer partition and micro-batch arithmetic (no process group), and
+training through PipelineTransformerBlockList against plain torch in one process."""
+
+from __future__ import annotations
+
+import bmt_comm
+import pytest
+import torch
+import torch.nn.functional as F
+from bmt_ckpt.pipe_schedule import MicroBatches, StagePartition
+
+
+@pytest.mark.parametrize("layers,stages", [(1, 1), (5, 2), (7, 3), (8, 4), (4, 4), (13, 5)])
+def test_partition_covers_layers_in_order(layers: int, stages: int) -> None:
+    part = StagePartition(layers, stages)
+    ranges = [part.range_of(s) for s in range(stages)]
+    assert [i for r in ranges for i in r] == list(range(layers))
+    for s, r in enumerate(ranges):
+        assert len(r) == part.part_len(s) == layers // stages + (s < layers % stages)
+        assert all(part.stage_of(i) == s for i in r)
+
+
+def test_partition_errors() -> None:
+    with pytest.raises(ValueError, match=r"a pipeline of 4 stages needs at least 4 layers \(one per stage\), got 3"):
+        StagePartition(3, 4)
+    part = StagePartition(5, 2)
+    with pytest.raises(ValueError, match=r"stage_id \(2\) must be in \[0, 2\)"):
+        part.range_of(2)
+    with pytest.raises(ValueError, match=r"layer_id \(5\) must be in \[0, 5\)"):
+        part.stage_of(5)
+
+
+def test_micro_batches() -> None:
+    mb = MicroBatches(local=3, members=2, micros=4)
+    assert mb.total == 6 and mb.sizes == (2, 2, 1, 1)
+    assert [mb.rows_of_member(m) for m in range(2)] == [range(0, 3), range(3, 6)]
+    assert MicroBatches(4, 2, 2).sizes == (4, 4)
+    with pytest.raises(ValueError, match=r"pipe group's batch \(2 ranks x 1 rows = 2\) must have at least num_micro_batches \(3\) rows"):
+        MicroBatches(1, 2, 3)
+    with pytest.raises(ValueError, match=r"num_micro_batches must be >= 1, got 0"):
+        MicroBatches(1, 2, 0)
+
+
+# --- training against plain torch ------------------------------------------------------------
+DIM, LAYERS, LOCAL, LR, STEPS = 4, 5, 2, 0.003, 10
+ATOL, RTOL = 1e-5, 1e-4  # fp32; only summation order differs
+# parameter names of a layer: plain DistributedParameters, or tensor-parallel sublayers
+NAMES = {
+    False: {"w1": "w1", "b1": "b1", "w2": "w2", "b2": "b2"},
+    True: {"w1": "up.weight", "b1": "up.bias", "w2": "down.weight", "b2": "down.bias"},
+}
+
+
+def _layer_fn(p: dict[str, torch.Tensor], h: torch.Tensor, scale: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A residual MLP; each row of the output depends on that row of the input only."""
+    return h + alpha * F.linear(torch.tanh(F.linear(h, p["w1"], p["b1"])), p["w2"], p["b2"]) * scale
+
+
+def _make_layer(tp: bool) -> torch.nn.Module:
+    from bmt_zero import DistributedModule, DistributedParameter
+    from bmt_zero.nn import ColumnParallelLinear, RowParallelLinear
+
+    class ResLayer(DistributedModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1 = DistributedParameter(torch.empty(2 * DIM, DIM, device="meta"))
+            self.b1 = DistributedParameter(torch.empty(2 * DIM, device="meta"))
+            self.w2 = DistributedParameter(torch.empty(DIM, 2 * DIM, device="meta"))
+            self.b2 = DistributedParameter(torch.empty(DIM, device="meta"))
+
+        def forward(self, h: torch.Tensor, scale: torch.Tensor, alpha: float) -> torch.Tensor:
+            return _layer_fn({"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}, h, scale, alpha)
+
+    class TPResLayer(DistributedModule):
+        """Rows sharded over tp: column-parallel up (gathers them), row-parallel down (scatters)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = ColumnParallelLinear(DIM, 2 * DIM, dtype=torch.float32)
+            self.down = RowParallelLinear(2 * DIM, DIM, dtype=torch.float32)
+
+        def forward(self, h: torch.Tensor, scale: torch.Tensor, alpha: float) -> torch.Tensor:
+            return h + alpha * self.down(torch.tanh(self.up(h))) * scale
+
+    return TPResLayer() if tp else ResLayer()
+
+
+def _full_weights(tp: bool) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    names = NAMES[tp]
+    out = {}
+    for i in range(LAYERS):
+        out[f"{i}.{names['w1']}"] = torch.randn(2 * DIM, DIM, generator=gen) * 0.5
+        out[f"{i}.{names['b1']}"] = torch.randn(2 * DIM, generator=gen) * 0.1
+        out[f"{i}.{names['w2']}"] = torch.randn(DIM, 2 * DIM, generator=gen) * 0.5
+        out[f"{i}.{names['b2']}"] = torch.randn(DIM, generator=gen) * 0.1
+    return out
+
+
+def _batch(step: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(x, scale, target) of every rank for this step."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [
+        (torch.randn(LOCAL, DIM, generator=gen), torch.rand(LOCAL, DIM, generator=gen) + 0.5,
+         torch.randn(LOCAL, DIM, generator=gen))
+        for _ in range(world)
+    ]
+
+
+def _reference(world: int, tp: bool) -> tuple[list[list[float]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Plain torch, one process, every rank's batch: each step's per-rank losses (SGD on their
+    sum), the final weights, and step 0's gradients of each rank's x and scale and the layer inputs."""
+    params = {k: v.clone().requires_grad_() for k, v in _full_weights(tp).items()}
+    names = NAMES[tp]
+    losses, first = [], {}
+    for step in range(STEPS):
+        per_rank = []
+        for r, (x, scale, target) in enumerate(_batch(step, world)):
+            x, scale = x.clone().requires_grad_(), scale.clone().requires_grad_()
+            h, inputs = x, []
+            for i in range(LAYERS):
+                inputs.append(h)
+                h = _layer_fn({k: params[f"{i}.{n}"] for k, n in names.items()}, h, scale, 0.7)
+            loss = ((h - target) ** 2).sum()
+            loss.backward()
+            per_rank.append(loss.item())
+            if step == 0:
+                first[f"x{r}"], first[f"scale{r}"] = x.grad, scale.grad
+                first[f"hidden{r}"] = torch.stack(inputs).detach()
+        losses.append(per_rank)
+        with torch.no_grad():
+            for p in params.values():
+                p -= LR * p.grad
+                p.grad = None
+    return losses, {k: v.detach() for k, v in params.items()}, first
+
+
+def _train_pipeline() -> list[float]:
+    """10 SGD steps through the pipeline; losses, step 0's input gradients and hidden states, and
+    the final gathered weights must match the reference."""
+    from bmt_ckpt.pipeline import PipelineTransformerBlockList
+
+    ctx = bmt_comm.get_context()
+    tp = ctx.comms.tp.size > 1
+    ref_losses, ref_params, ref_first = _reference(ctx.world_size, tp)
+    model = PipelineTransformerBlockList([_make_layer(tp) for _ in range(LAYERS)])
+    assert model.layer_ids == list(model.get_range_by_stage_id(ctx.topology.stage_id))
+    model.load_state_dict(_full_weights(tp))
+    dev = ctx.device
+    atol, rtol = (ATOL, RTOL) if dev.type == "cpu" else (10 * ATOL, 10 * RTOL)  # GPU: other summation orders
+    losses = []
+    for step in range(STEPS):
+        x, scale, target = (t.to(dev) for t in _batch(step, ctx.world_size)[ctx.rank])
+        x, scale = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        if step == 0:
+            out, hidden = model(x, scale, 0.7, return_hidden_states=True)
+            torch.testing.assert_close(hidden.cpu(), ref_first[f"hidden{ctx.rank}"], atol=atol, rtol=rtol)
+        else:
+            out = model(x, scale, 0.7, batch_related=[0])
+        loss = ((out - target) ** 2).sum()
+        loss.backward()
+        losses.append(loss.item())
+        want = ref_losses[step][ctx.rank]
+        assert abs(loss.item() - want) <= atol + rtol * abs(want), f"step {step}: loss {loss.item()} != {want}"
+        if step == 0:
+            assert x.grad is not None and scale.grad is not None
+            torch.testing.assert_close(x.grad.cpu(), ref_first[f"x{ctx.rank}"], atol=atol, rtol=rtol)
+            torch.testing.assert_close(scale.grad.cpu(), ref_first[f"scale{ctx.rank}"], atol=atol, rtol=rtol)
+        with torch.no_grad():
+            for block in model:
+                for _, flat in block.grouped_parameters():
+                    for p in flat:
+                        p -= LR * p.grad
+                block.zero_grad()
+    state = model.state_dict()
+    assert sorted(state) == sorted(ref_params), sorted(state)
+    for k, v in ref_params.items():
+        torch.testing.assert_close(state[k].cpu(), v, atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+    return losses
+
+
+def _train_pipeline_gpu() -> list[float]:
+    assert bmt_comm.get_context().device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference comparisons
+    return _train_pipeline()
+
+
+@pytest.mark.world_size(4)
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_pipeline_trains_like_torch(spawn, tp_size: int) -> None:
+    results = spawn(_train_pipeline, pipe_size=2, tp_size=tp_size, num_micro_batches=3 if tp_size == 1 else 2)
+    assert len(results) == 4 and all(len(r) == STEPS for r in results)
+
+
+@pytest.mark.gpus(4)
+@pytest.mark.world_size(4)
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_pipeline_trains_like_torch_gpu(spawn, tp_size: int) -> None:
+    """The same on 4 GPUs over NCCL (pipe 2, and pipe 2 x tp 2): exercises the pp_comm stream."""
+    results = spawn(_train_pipeline_gpu, pipe_size=2, tp_size=tp_size, num_micro_batches=2)
+    assert len(results) == 4 and all(len(r) == STEPS for r in results)
+
+
+# --- construction errors, state dicts, checkpoints ------------------------------------------------
+def _checkpoints_and_errors(path: str) -> None:
+    from bmt_ckpt import Block
+    from bmt_ckpt.pipeline import PipelineTransformerBlockList
+    from bmt_zero import load, save
+    from bmt_zero.gather import gather_to
+
+    ctx = bmt_comm.get_context()
+    with pytest.raises(ValueError, match=r"a pipeline of 2 stages needs at least 2 layers \(one per stage\), got 1"):
+        PipelineTransformerBlockList([_make_layer(False)])
+    with pytest.raises(ValueError, match=r"needs Blocks built with mode='PIPE'"):
+        PipelineTransformerBlockList([Block(_make_layer(False)), _make_layer(False)])
+    with pytest.raises(ValueError, match=r"one hidden state \(num_hidden=1\), got 2"):
+        PipelineTransformerBlockList([_make_layer(False), _make_layer(False)], num_hidden=2)
+
+    full = _full_weights(False)
+    model = PipelineTransformerBlockList([_make_layer(False) for _ in range(LAYERS)])
+    assert len(model) == LAYERS and [model.get_stage_by_layer_id(i) for i in range(LAYERS)] == [0, 0, 0, 1, 1]
+    other, other_stage = (4, 1) if ctx.topology.stage_id == 0 else (0, 0)
+    with pytest.raises(IndexError, match=rf"layer {other} runs on pipeline stage {other_stage}"):
+        model[other]
+    assert [b is model[i] for i, b in zip(model.layer_ids, model, strict=True)] == [True] * len(model.layer_ids)
+    bad = dict(full)
+    bad["9.w1"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "9.w1"'):
+        model.load_state_dict(bad)
+    partial = {k: v for k, v in full.items() if k != "4.b2"}
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "4.b2"'):
+        model.load_state_dict(partial)
+    model.load_state_dict(full)
+
+    # every rank gets every layer; inside gather_to(0) only rank 0 does
+    state = model.state_dict()
+    assert list(state) == list(full), list(state)
+    for k, v in full.items():
+        assert torch.equal(state[k], v), k
+    with gather_to(0):
+        only0 = model.state_dict()
+    assert (list(only0) == list(full)) if ctx.rank == 0 else not only0, list(only0)
+
+    # bmt.save funnels every stage's layers into one file; a plain load_state_dict restores them
+    save(model, path)
+    on_disk = torch.load(path)
+    assert list(on_disk) == list(full), list(on_disk)
+    for k, v in full.items():
+        torch.testing.assert_close(on_disk[k], v, msg=lambda m, k=k: f"{k}: {m}")
+    with pytest.raises(NotImplementedError, match=r"call model.load_state_dict\(state\)"):
+        load(model, path)
+
+    # inference under no_grad gives what the training forward gives
+    x, scale, _ = _batch(0, ctx.world_size)[ctx.rank]
+    with torch.no_grad():
+        plain = model(x, scale, 0.7)
+    torch.testing.assert_close(model(x, scale, 0.7).detach(), plain)
+
+
+@pytest.mark.world_size(2)
+def test_pipeline_checkpoints_and_errors(spawn, tmp_path) -> None:
+    spawn(_checkpoints_and_errors, str(tmp_path / "pipe.pt"), pipe_size=2, num_micro_batches=2)
