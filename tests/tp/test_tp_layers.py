@@ -224,8 +224,38 @@ def test_layers_world2_tp2(spawn: Any) -> None:
     assert spawn(_tp2_layers_and_errors, tp_size=2) == [2, 2]
 
 
+def _check_projection_loss() -> None:
+    """VPEmbedding(projection=True) feeds FusedCrossEntropy(parallel=True): (N, V/tp) logits of all
+    rows, global target ids; loss and gradients equal F.cross_entropy on the whole logits."""
+    from bmt_optim.loss import FusedCrossEntropy
+
+    tp = bmt_comm.get_context().comms.tp
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(VOCAB, DIM, generator=gen)
+    x_full = torch.randn(tp.size * ROWS, DIM, generator=gen)
+    targets = torch.randint(0, VOCAB, (tp.size * ROWS,), generator=gen)
+    ref_table, ref_x = table.clone().requires_grad_(), x_full.clone().requires_grad_()
+    ref_loss = F.cross_entropy(F.linear(ref_x, ref_table), targets)
+    ref_loss.backward()
+
+    emb = VPEmbedding(VOCAB, DIM, dtype=torch.float32)
+    emb.load_state_dict({"weight": table})
+    x = _rows(x_full, tp.rank, tp.size).clone().requires_grad_()
+    logits = emb(x, projection=True)
+    assert logits.shape == (tp.size * ROWS, VOCAB // tp.size)
+    loss = FusedCrossEntropy(parallel=True)(logits, targets)
+    loss.backward()
+    _close("parallel cross-entropy loss", loss.detach(), ref_loss.detach())
+    assert x.grad is not None and ref_x.grad is not None and ref_table.grad is not None
+    _close("projection input grad", x.grad, _rows(ref_x.grad, tp.rank, tp.size))
+    p = emb._parameters["weight"]
+    assert isinstance(p, DistributedParameter)
+    _close("projection weight grad", full_grad(p), ref_table.grad)
+
+
 def _tp2_layers_and_errors() -> int:
     _check_errors_and_repr()
+    _check_projection_loss()
     return _check_all_layers()
 
 
