@@ -38,7 +38,11 @@ def spawn(request: pytest.FixtureRequest) -> Callable[..., list[Any]]:
         marker = request.node.get_closest_marker("world_size")
         n = int(marker.args[0]) if marker else 1
 
+    # tests not marked for GPUs run on CPU/gloo even on a GPU machine
+    on_gpu = request.node.get_closest_marker("gpu") or request.node.get_closest_marker("gpus")
+    env = None if on_gpu else {"CUDA_VISIBLE_DEVICES": ""}
+
     def run(fn: Callable[..., Any], *args: Any, **init_kwargs: Any) -> list[Any]:
-        return run_distributed(fn, int(n), *args, init_kwargs=init_kwargs)
+        return run_distributed(fn, int(n), *args, init_kwargs=init_kwargs, env=env)
 
     return run

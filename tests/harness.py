@@ -29,7 +29,10 @@ def _context() -> Any:
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "bmt_comm"])
+        # imported once in the server, not in every rank (DTensor alone costs seconds per rank)
+        _CTX.set_forkserver_preload(
+            ["torch", "torch.distributed", "torch.distributed.tensor", "torch.testing", "bmt_comm", "bmt_zero", "bmt_ckpt", "bmt_optim"]
+        )
     return _CTX
 
 
