@@ -1,0 +1,503 @@
+// CPU Adam (decoupled weight decay) for bmt-optim's offload optimizer.
+//
+// One call updates a contiguous run of n elements: the fp32 master copy, the fp32 moments, and
+// optionally writes the new parameter in fp32/fp16/bf16. The gradient may be fp32/fp16/bf16; it
+// is multiplied by `grad_mul` (= +-1/loss_scale) on the fly. Everything is raw pointers and
+// sizes: this module links neither torch nor CUDA, so no ABI can drift.
+//
+// SIMD variants (AVX-512, AVX2+FMA+F16C, portable scalar) are compiled with function-level target
+// attributes and picked at run time with __builtin_cpu_supports: the binary runs on any x86-64
+// (and the scalar path on any CPU). Work is split over a small persistent thread pool.
+//
+// The arithmetic follows torch.optim.AdamW's single-tensor path, in this order:
+//   g = grad * grad_mul;  p = p * decay;  m = fma(1 - beta1, g - m, m)         (torch's lerp)
+//   v = fma((1 - beta2) * g, g, v * beta2)                                       (torch's addcmul)
+//   p = p - (step_size * m) / (sqrt(v) / bc2_sqrt + eps)                        (torch's addcdiv)
+// each operation rounded as torch's CPU kernels round it, so the results agree to the last bit
+// in most elements (and to an ulp in the others).
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <new>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BMT_X86 1
+#include <immintrin.h>
+#endif
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Element types, matching bmt_optim.cpu_adam.Dtype.
+enum class Dtype : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+struct Hyper {
+  float decay;            // 1 - lr * weight_decay
+  float one_minus_beta1;  // 1 - beta1
+  float beta2;
+  float one_minus_beta2;  // 1 - beta2
+  float eps;
+  float step_size;        // lr / (1 - beta1^t)
+  float bc2_sqrt;         // sqrt(1 - beta2^t)
+  float grad_mul;         // (+-1) / loss_scale
+};
+
+struct Job {
+  float* master;
+  float* exp_avg;
+  float* exp_avg_sq;
+  const void* grad;
+  Dtype grad_dtype;
+  void* out;  // nullptr: no low-precision output
+  Dtype out_dtype;
+  Hyper h;
+};
+
+// ---------------------------------------------------------------- portable scalar conversions
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN -> canonical quiet NaN
+  uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// IEEE half <-> float, exact and round-to-nearest-even (the FP16 library's bit tricks).
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const uint32_t exp_offset = 0xE0u << 23;
+  const float exp_scale = bits_f32(0x7800000u);  // 2^-112
+  const float normalized = bits_f32((two_w >> 4) + exp_offset) * exp_scale;
+  const uint32_t magic_mask = 126u << 23;
+  const float magic_bias = 0.5f;
+  const float denormalized = bits_f32((two_w >> 17) | magic_mask) - magic_bias;
+  const uint32_t denormalized_cutoff = 1u << 27;
+  const uint32_t result =
+      sign | (two_w < denormalized_cutoff ? f32_bits(denormalized) : f32_bits(normalized));
+  return bits_f32(result);
+}
+
+inline uint16_t f32_to_f16(float f) {
+  const float scale_to_inf = bits_f32(0x77800000u);   // 2^112
+  const float scale_to_zero = bits_f32(0x08800000u);  // 2^-110
+  float base = (f < 0 ? -f : f) * scale_to_inf;
+  base *= scale_to_zero;
+  const uint32_t w = f32_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+inline float load_scalar(const void* p, Dtype d, int64_t i) {
+  switch (d) {
+    case Dtype::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case Dtype::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+inline void store_scalar(void* p, Dtype d, int64_t i, float x) {
+  switch (d) {
+    case Dtype::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(x); break;
+    case Dtype::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(x); break;
+    default: static_cast<float*>(p)[i] = x;
+  }
+}
+
+void adam_scalar(const Job& j, int64_t begin, int64_t end) {
+  const Hyper& h = j.h;
+  for (int64_t i = begin; i < end; ++i) {
+    const float g = load_scalar(j.grad, j.grad_dtype, i) * h.grad_mul;
+    float p = j.master[i] * h.decay;
+    float m = j.exp_avg[i];
+    m = std::fma(h.one_minus_beta1, g - m, m);
+    const float v = std::fma(h.one_minus_beta2 * g, g, j.exp_avg_sq[i] * h.beta2);
+    const float denom = std::sqrt(v) / h.bc2_sqrt + h.eps;
+    p = p - (h.step_size * m) / denom;
+    j.master[i] = p;
+    j.exp_avg[i] = m;
+    j.exp_avg_sq[i] = v;
+    if (j.out) store_scalar(j.out, j.out_dtype, i, p);
+  }
+}
+
+#ifdef BMT_X86
+// ---------------------------------------------------------------- AVX2 + FMA + F16C (8 lanes)
+#define BMT_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+BMT_AVX2 inline __m256 avx2_load(const void* p, Dtype d, int64_t i) {
+  switch (d) {
+    case Dtype::F16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+    case Dtype::BF16: {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  }
+}
+
+BMT_AVX2 inline void avx2_store(void* p, Dtype d, int64_t i, __m256 x) {
+  switch (d) {
+    case Dtype::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+                       _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case Dtype::BF16: {
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), packed);
+      break;
+    }
+    default: _mm256_storeu_ps(static_cast<float*>(p) + i, x);
+  }
+}
+
+BMT_AVX2 inline void avx2_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
+                               Dtype od, int64_t i, const Hyper& h) {
+  const __m256 g = _mm256_mul_ps(avx2_load(grad, gd, i), _mm256_set1_ps(h.grad_mul));
+  const __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(master + i), _mm256_set1_ps(h.decay));
+  __m256 m = _mm256_loadu_ps(ea + i);
+  m = _mm256_fmadd_ps(_mm256_set1_ps(h.one_minus_beta1), _mm256_sub_ps(g, m), m);
+  __m256 v = _mm256_loadu_ps(eas + i);
+  v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h.one_minus_beta2), g), g, _mm256_mul_ps(v, _mm256_set1_ps(h.beta2)));
+  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), _mm256_set1_ps(h.bc2_sqrt)), _mm256_set1_ps(h.eps));
+  const __m256 p = _mm256_sub_ps(p0, _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(h.step_size), m), denom));
+  _mm256_storeu_ps(master + i, p);
+  _mm256_storeu_ps(ea + i, m);
+  _mm256_storeu_ps(eas + i, v);
+  if (out) avx2_store(out, od, i, p);
+}
+
+// Tails go through the same vector body on a zero-padded copy, so every element is computed by
+// identical instructions whatever its position.
+struct Tail {
+  alignas(64) float master[16];
+  alignas(64) float exp_avg[16];
+  alignas(64) float exp_avg_sq[16];
+  alignas(64) float grad[16];  // room for 16 elements of any type
+  alignas(64) float out[16];
+};
+
+inline size_t dtype_size(Dtype d) { return d == Dtype::F32 ? 4 : 2; }
+
+inline void tail_load(const Job& j, int64_t i, int64_t r, Tail& t) {
+  std::memset(&t, 0, sizeof(t));
+  std::memcpy(t.master, j.master + i, r * 4);
+  std::memcpy(t.exp_avg, j.exp_avg + i, r * 4);
+  std::memcpy(t.exp_avg_sq, j.exp_avg_sq + i, r * 4);
+  const size_t gs = dtype_size(j.grad_dtype);
+  std::memcpy(t.grad, static_cast<const char*>(j.grad) + i * gs, r * gs);
+}
+
+inline void tail_store(const Job& j, int64_t i, int64_t r, const Tail& t) {
+  std::memcpy(j.master + i, t.master, r * 4);
+  std::memcpy(j.exp_avg + i, t.exp_avg, r * 4);
+  std::memcpy(j.exp_avg_sq + i, t.exp_avg_sq, r * 4);
+  const size_t os = dtype_size(j.out_dtype);
+  if (j.out) std::memcpy(static_cast<char*>(j.out) + i * os, t.out, r * os);
+}
+
+BMT_AVX2 void adam_avx2(const Job& j, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8)
+    avx2_body(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+  if (i < end) {
+    Tail t;
+    tail_load(j, i, end - i, t);
+    avx2_body(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype, j.out ? t.out : nullptr, j.out_dtype, 0, j.h);
+    tail_store(j, i, end - i, t);
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 (16 lanes)
+#define BMT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+BMT_AVX512 inline __m512 avx512_load(const void* p, Dtype d, int64_t i) {
+  switch (d) {
+    case Dtype::F16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+    case Dtype::BF16: {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    default: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  }
+}
+
+BMT_AVX512 inline void avx512_store(void* p, Dtype d, int64_t i, __m512 x) {
+  switch (d) {
+    case Dtype::F16:
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i),
+                          _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case Dtype::BF16: {
+      const __m512i u = _mm512_castps_si512(x);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), _mm512_cvtepi32_epi16(r));
+      break;
+    }
+    default: _mm512_storeu_ps(static_cast<float*>(p) + i, x);
+  }
+}
+
+BMT_AVX512 inline void avx512_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
+                                   Dtype od, int64_t i, const Hyper& h) {
+  const __m512 g = _mm512_mul_ps(avx512_load(grad, gd, i), _mm512_set1_ps(h.grad_mul));
+  const __m512 p0 = _mm512_mul_ps(_mm512_loadu_ps(master + i), _mm512_set1_ps(h.decay));
+  __m512 m = _mm512_loadu_ps(ea + i);
+  m = _mm512_fmadd_ps(_mm512_set1_ps(h.one_minus_beta1), _mm512_sub_ps(g, m), m);
+  __m512 v = _mm512_loadu_ps(eas + i);
+  v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(h.one_minus_beta2), g), g, _mm512_mul_ps(v, _mm512_set1_ps(h.beta2)));
+  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(h.bc2_sqrt)), _mm512_set1_ps(h.eps));
+  const __m512 p = _mm512_sub_ps(p0, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(h.step_size), m), denom));
+  _mm512_storeu_ps(master + i, p);
+  _mm512_storeu_ps(ea + i, m);
+  _mm512_storeu_ps(eas + i, v);
+  if (out) avx512_store(out, od, i, p);
+}
+
+BMT_AVX512 void adam_avx512(const Job& j, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16)
+    avx512_body(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+  if (i < end) {
+    Tail t;
+    tail_load(j, i, end - i, t);
+    avx512_body(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype, j.out ? t.out : nullptr, j.out_dtype, 0, j.h);
+    tail_store(j, i, end - i, t);
+  }
+}
+#endif  // BMT_X86
+
+// ---------------------------------------------------------------- run-time dispatch
+enum class Simd : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+Simd detect_simd() {
+#ifdef BMT_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Simd::Avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Simd::Avx2;
+#endif
+  return Simd::Scalar;
+}
+
+const Simd kBestSimd = detect_simd();
+std::atomic<int> g_simd{static_cast<int>(kBestSimd)};  // tests may force a lower level
+
+using KernelFn = void (*)(const Job&, int64_t, int64_t);
+
+KernelFn kernel_for(Simd s) {
+#ifdef BMT_X86
+  if (s == Simd::Avx512) return adam_avx512;
+  if (s == Simd::Avx2) return adam_avx2;
+#endif
+  (void)s;
+  return adam_scalar;
+}
+
+const char* simd_name(Simd s) {
+  switch (s) {
+    case Simd::Avx512: return "avx512";
+    case Simd::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// ---------------------------------------------------------------- thread pool
+// Workers 1..N-1 wait for a generation bump; the caller runs task 0 itself. One run at a time.
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 1; i <= workers; ++i) threads_.emplace_back([this, i] { loop(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int workers() const { return static_cast<int>(threads_.size()); }
+
+  void run(int ntasks, const std::function<void(int)>& fn) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &fn;
+      ntasks_ = ntasks;
+      pending_ = ntasks - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        if (index >= ntasks_) continue;
+        job = job_;
+      }
+      (*job)(index);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (--pending_ == 0) done_cv_.notify_one();
+      }
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int)>* job_ = nullptr;
+  int ntasks_ = 0;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+std::mutex g_run_mu;     // serialises calls (the GIL is released while they run)
+Pool* g_pool = nullptr;  // leaked on purpose at exit: joining threads during interpreter teardown can hang
+
+#if defined(__unix__) || defined(__APPLE__)
+// A forked child has no worker threads: forget the parent's pool (leaked) and build a new one.
+void after_fork_child() {
+  g_pool = nullptr;
+  new (&g_run_mu) std::mutex();
+}
+const int kAtFork = pthread_atfork(nullptr, nullptr, after_fork_child);
+#endif
+
+constexpr int64_t kMinPerThread = 1 << 15;  // below this, thread hand-off costs more than it saves
+
+void run_job(const Job& job, int64_t n, int num_threads) {
+  const KernelFn fn = kernel_for(static_cast<Simd>(g_simd.load()));
+  int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads, n / kMinPerThread));
+  if (tasks == 1) {
+    fn(job, 0, n);
+    return;
+  }
+  // Split on 16-element boundaries so only the last task has a tail.
+  const int64_t per = ((n + tasks - 1) / tasks + 15) / 16 * 16;
+  tasks = (n + per - 1) / per;
+  std::lock_guard<std::mutex> lk(g_run_mu);
+  if (!g_pool || g_pool->workers() < tasks - 1) {
+    delete g_pool;
+    g_pool = new Pool(static_cast<int>(tasks - 1));
+  }
+  g_pool->run(static_cast<int>(tasks), [&](int t) {
+    const int64_t b = t * per;
+    const int64_t e = std::min(n, b + per);
+    if (b < e) fn(job, b, e);
+  });
+}
+
+Dtype parse_dtype(int d, const char* what) {
+  if (d < 0 || d > 2) throw std::invalid_argument(std::string(what) + " dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " + std::to_string(d));
+  return static_cast<Dtype>(d);
+}
+
+void adam_step(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
+               uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
+               float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads) {
+  if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
+  if (n == 0) return;
+  if (!master || !exp_avg || !exp_avg_sq || !grad)
+    throw std::invalid_argument("master, exp_avg, exp_avg_sq and grad pointers must be non-null");
+  if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
+  Job job{reinterpret_cast<float*>(master),
+          reinterpret_cast<float*>(exp_avg),
+          reinterpret_cast<float*>(exp_avg_sq),
+          reinterpret_cast<const void*>(grad),
+          parse_dtype(grad_dtype, "grad"),
+          reinterpret_cast<void*>(out),
+          parse_dtype(out_dtype, "out"),
+          Hyper{decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul}};
+  py::gil_scoped_release release;
+  run_job(job, n, num_threads);
+}
+
+void set_simd(const std::string& name) {
+  Simd want;
+  if (name == "avx512") want = Simd::Avx512;
+  else if (name == "avx2") want = Simd::Avx2;
+  else if (name == "scalar") want = Simd::Scalar;
+  else throw std::invalid_argument("simd level must be 'avx512', 'avx2' or 'scalar', got '" + name + "'");
+  if (static_cast<int>(want) > static_cast<int>(kBestSimd))
+    throw std::invalid_argument(std::string("this CPU supports at most '") + simd_name(kBestSimd) + "', asked for '" + name + "'");
+  g_simd.store(static_cast<int>(want));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu_adam, m) {
+  m.doc() = "bmt-optim CPU Adam: SIMD (AVX-512/AVX2 chosen at run time) and threads over raw pointers";
+  m.def("adam_step", &adam_step, py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad"),
+        py::arg("grad_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("decay"),
+        py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),
+        py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_mul"), py::arg("num_threads"),
+        "Update n elements in place: master/exp_avg/exp_avg_sq (fp32), grad (dtype code), out (0 = none).");
+  m.def("best_simd", [] { return std::string(simd_name(kBestSimd)); }, "Widest SIMD level this CPU supports.");
+  m.def("simd", [] { return std::string(simd_name(static_cast<Simd>(g_simd.load()))); }, "SIMD level in use.");
+  m.def("set_simd", &set_simd, py::arg("name"), "Use a SIMD level up to best_simd() (for tests and benchmarks).");
+}

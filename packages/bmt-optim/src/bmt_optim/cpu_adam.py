@@ -1,0 +1,159 @@
+"""The CPU Adam update used by the offload optimizer: the C++ kernel, or torch when it is missing.
+
+The C++ extension ``bmt_optim._cpu_adam`` (built at install time by ``hatch_build.py`` when a
+compiler exists) takes raw pointers; this module checks the tensors and hands them over. Without
+the extension the same update runs as vectorised torch ops, and a warning says so once per process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from enum import Enum
+from types import ModuleType
+
+import torch
+
+from .kernels_adam import AdamScalars, adam_update_torch
+
+__all__ = [
+    "CpuAdamBackend",
+    "cpu_adam_update",
+    "default_num_threads",
+    "native_available",
+    "native_module",
+    "warn_if_fallback",
+]
+
+_native: ModuleType | None
+_native_error: str | None = None
+try:
+    _native = importlib.import_module("bmt_optim._cpu_adam")
+except ImportError as exc:  # not built (no compiler at install time) or built for another Python
+    _native = None
+    _native_error = str(exc)
+
+
+class CpuAdamBackend(str, Enum):
+    NATIVE = "native"  # the C++ SIMD kernel
+    TORCH = "torch"  # vectorised torch ops (always available)
+
+
+class _Dtype(int, Enum):
+    """Element-type codes understood by the C++ kernel."""
+
+    F32 = 0
+    F16 = 1
+    BF16 = 2
+
+
+_CODES = {torch.float32: _Dtype.F32, torch.float16: _Dtype.F16, torch.bfloat16: _Dtype.BF16}
+_warned = False  # the fallback warning is issued once per process
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def native_module() -> ModuleType | None:
+    """The C++ extension (``best_simd()``, ``simd()``, ``set_simd(name)``), or None."""
+    return _native
+
+
+def warn_if_fallback() -> None:
+    """Warn (once per process) that the torch fallback will do the CPU Adam work."""
+    global _warned
+    if _native is None and not _warned:
+        _warned = True
+        warnings.warn(
+            "bmt_optim's C++ CPU Adam is not available (" + str(_native_error) + "); using a slower "
+            "torch implementation. Reinstall bmt-optim with a C++ compiler present to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def default_num_threads() -> int:
+    """CPUs this process may use, divided among the ranks of this host (at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local = 1
+    try:
+        import bmt_comm
+
+        if bmt_comm.is_initialized():
+            local = bmt_comm.get_context().local_size
+    except ImportError:
+        pass
+    if local == 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cpus // max(1, local))
+
+
+def _check(name: str, t: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"CPU Adam expects {name} on the CPU, got a tensor on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"CPU Adam expects a contiguous {name} (stride {t.stride()})")
+    if t.dtype not in dtypes:
+        raise ValueError(f"CPU Adam expects {name} of dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"CPU Adam expects {name} of {numel} elements (as master), got {t.numel()}")
+
+
+def cpu_adam_update(
+    master: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor | None,
+    s: AdamScalars,
+    *,
+    num_threads: int | None = None,
+    backend: CpuAdamBackend | None = None,
+) -> CpuAdamBackend:
+    """Update CPU ``master``/moments (fp32) from ``grad`` (fp32/fp16/bf16); write ``out`` if given.
+
+    ``backend`` None picks the C++ kernel when built; returns the backend that ran.
+    """
+    n = master.numel()
+    f32 = (torch.float32,)
+    _check("master", master, n, f32)
+    _check("exp_avg", exp_avg, n, f32)
+    _check("exp_avg_sq", exp_avg_sq, n, f32)
+    _check("grad", grad, n, tuple(_CODES))
+    if out is not None:
+        _check("out", out, n, tuple(_CODES))
+    if backend is None:
+        backend = CpuAdamBackend.NATIVE if _native is not None else CpuAdamBackend.TORCH
+    if backend is CpuAdamBackend.TORCH:
+        adam_update_torch(master, exp_avg, exp_avg_sq, grad, out, s)
+        return backend
+    if _native is None:
+        raise RuntimeError(f"the C++ CPU Adam is not available: {_native_error}")
+    threads = num_threads if num_threads is not None else default_num_threads()
+    if threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {threads}")
+    _native.adam_step(
+        master.data_ptr(),
+        exp_avg.data_ptr(),
+        exp_avg_sq.data_ptr(),
+        grad.data_ptr(),
+        int(_CODES[grad.dtype]),
+        0 if out is None else out.data_ptr(),
+        int(_CODES[out.dtype]) if out is not None else int(_Dtype.F32),
+        n,
+        s.decay,
+        s.one_minus_beta1,
+        s.beta2,
+        s.one_minus_beta2,
+        s.eps,
+        s.step_size,
+        s.bc2_sqrt,
+        s.grad_mul,
+        threads,
+    )
+    return backend

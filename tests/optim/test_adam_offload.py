@@ -1,0 +1,222 @@
+"""AdamOffloadOptimizer: against AdamW, native vs fallback, chunked pipeline, state and gathering."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import bmt_comm
+import pytest
+import torch
+from bmt_optim import AdamOffloadOptimizer, AdamOptimizer
+from bmt_optim import cpu_adam as cpu_adam_mod
+from bmt_optim.cpu_adam import CpuAdamBackend, native_available
+
+from ..harness import run_distributed
+from ._adam_reference import DTYPES, HP, SCALE, grads_for, make_params, master_of, run_ours, run_reference
+
+SHAPES = [(37, 29), (1000,), (3,)]
+CHUNK = 64  # small chunks: many per parameter, with a ragged last one
+TOL = dict(rtol=1e-6, atol=1e-6)  # 1e-4 of lr: the C++ sqrt rounds correctly, torch's to 0.5 ulp
+
+
+def offload(params: list[Any], backend: CpuAdamBackend | None = None, **kw: Any) -> AdamOffloadOptimizer:
+    opt = AdamOffloadOptimizer(params, chunk_numel=CHUNK, num_threads=2, **{**HP, **kw})
+    opt._cpu_backend = backend
+    return opt
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_adamw_20_steps(dtype: torch.dtype) -> None:
+    for backend in ([CpuAdamBackend.NATIVE] if native_available() else []) + [CpuAdamBackend.TORCH]:
+        params = make_params(SHAPES, dtype)
+        start = [p.detach().clone() for p in params]
+        opt = offload(params, backend)
+        run_ours(opt, params, 1, 20)
+        for p, r in zip(params, run_reference(start, 20), strict=True):
+            m = master_of(opt, p)
+            if backend is CpuAdamBackend.TORCH:
+                assert torch.equal(m, r), f"the torch fallback is AdamW's arithmetic: {(m - r).abs().max()}"
+            else:
+                torch.testing.assert_close(m, r, **TOL)
+            assert torch.equal(p.detach(), m.to(dtype))
+            st = opt.state[p]
+            assert st["_param_fp32"].shape == (p.numel(),) and st["exp_avg"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not native_available(), reason="the C++ CPU Adam was not built (no C++ compiler)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_matches_fallback(dtype: torch.dtype) -> None:
+    a, b = make_params(SHAPES, dtype), make_params(SHAPES, dtype)
+    oa, ob = offload(a, CpuAdamBackend.NATIVE, maximize=True), offload(b, CpuAdamBackend.TORCH, maximize=True)
+    run_ours(oa, a, 1, 20, scale=3.0)
+    run_ours(ob, b, 1, 20, scale=3.0)
+    for p, q in zip(a, b, strict=True):
+        for k in ("_param_fp32", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(oa.state[p][k], ob.state[q][k], rtol=1e-6, atol=1e-6)
+
+
+def test_hold_steps_and_maximize_per_group() -> None:
+    a, b = make_params([(70,), (90,)], torch.bfloat16)
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = AdamOffloadOptimizer(
+        [{"params": [a]}, {"params": [b], "maximize": True}], hold_steps=2, chunk_numel=CHUNK, **HP  # type: ignore[arg-type]
+    )
+    run_ours(opt, [a, b], 1, 2)
+    assert torch.equal(a.detach(), start[0]) and torch.equal(b.detach(), start[1])
+    run_ours(opt, [a, b], 3, 8)
+    torch.testing.assert_close(master_of(opt, a), run_reference([start[0]], 8, hold_steps=2)[0], **TOL)
+    torch.testing.assert_close(master_of(opt, b), run_reference(start, 8, hold_steps=2, maximize=True)[1], **TOL)
+
+
+def test_state_dict_round_trip_mid_training() -> None:
+    params = make_params(SHAPES, torch.bfloat16)
+    opt = offload(params)
+    run_ours(opt, params, 1, 5)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = offload(twins)
+    opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    run_ours(opt, params, 6, 9)
+    run_ours(opt2, twins, 6, 9)
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q)
+        for k in ("exp_avg", "exp_avg_sq", "_param_fp32"):
+            assert torch.equal(opt.state[p][k], opt2.state[q][k])
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="got torch.float64"):
+        AdamOffloadOptimizer([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\), got 1.5"):
+        AdamOffloadOptimizer(make_params([(2,)], torch.float32), betas=(1.5, 0.9))
+    with pytest.raises(ValueError, match="num_threads must be >= 1, got 0"):
+        AdamOffloadOptimizer(make_params([(2,)], torch.float32), num_threads=0)
+    with pytest.raises(ValueError, match="chunk_numel must be >= 1, got 0"):
+        AdamOffloadOptimizer(make_params([(2,)], torch.float32), chunk_numel=0)
+    p = torch.nn.Parameter(torch.zeros(4, 3).t())
+    p.grad = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        AdamOffloadOptimizer([p]).step()
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = torch.sparse_coo_tensor([[1]], [1.0], (3,), check_invariants=True)
+    with pytest.raises(ValueError, match="sparse"):
+        AdamOffloadOptimizer([q]).step()
+
+
+def test_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_adam_mod, "_native", None)
+    monkeypatch.setattr(cpu_adam_mod, "_native_error", "simulated: not built")
+    monkeypatch.setattr(cpu_adam_mod, "_warned", False)
+    params = make_params([(10,)], torch.bfloat16)
+    start = [p.detach().clone() for p in params]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt = AdamOffloadOptimizer(params, chunk_numel=CHUNK, **HP)  # type: ignore[arg-type]
+        AdamOffloadOptimizer(make_params([(3,)], torch.float32))
+        run_ours(opt, params, 1, 3)
+    msgs = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "simulated: not built" in msgs[0], msgs
+    assert torch.equal(master_of(opt, params[0]), run_reference(start, 3)[0])
+
+
+# ---------------------------------------------------------------- sharded state, gathered
+
+FULL_SHAPES = [(33, 17), (3,), (64,)]  # (3,) leaves rank 3 of 4 an empty shard
+WHOLE_SHAPE = (5,)  # a parameter every rank holds whole
+
+
+def _shards(
+    world: int, rank: int, dtype: torch.dtype, device: torch.device
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(full CPU params, this rank's shards + one whole param on ``device``), shards carrying ZeRO's
+    attributes."""
+    full = make_params(FULL_SHAPES + [WHOLE_SHAPE], dtype)
+    mine = []
+    for f in full[:-1]:
+        n = f.numel()
+        per = -(-n // world)
+        start, end = min(n, rank * per), min(n, (rank + 1) * per)
+        p = torch.nn.Parameter(f.detach().reshape(-1)[start:end].to(device, copy=True))
+        p._start_partition, p._end_partition, p._original_shape = start, end, f.shape  # type: ignore[attr-defined]
+        mine.append(p)
+    mine.append(torch.nn.Parameter(full[-1].detach().to(device, copy=True)))
+    return full, mine
+
+
+def _set_shard_grads(full: list[torch.Tensor], mine: list[torch.Tensor], step: int) -> None:
+    for p, g in zip(mine, grads_for(full, step), strict=True):
+        flat = (g * SCALE).to(p.dtype).reshape(-1)
+        if hasattr(p, "_start_partition"):
+            flat = flat[p._start_partition : p._end_partition]
+        p.grad = flat.reshape(p.shape).to(p.device, copy=True)
+
+
+def _train_gather_check(save_to: str, first: int, last: int, load_from: str | None) -> bool:
+    """For both optimizers: ``_one_kind`` (one spawned run checks both)."""
+    for kind in ("offload", "adam"):
+        _one_kind(kind, f"{save_to}.{kind}", first, last, None if load_from is None else f"{load_from}.{kind}")
+    return True
+
+
+def _one_kind(kind: str, save_to: str, first: int, last: int, load_from: str | None) -> None:
+    """On every rank: (reload), train shards for steps first..last, gather; rank 0 checks the whole
+    state against one process training the full parameters for steps 1..last."""
+    ctx = bmt_comm.get_context()
+    dtype = torch.bfloat16
+    full, mine = _shards(ctx.world_size, ctx.rank, dtype, ctx.device)
+    cls: Any = AdamOffloadOptimizer if kind == "offload" else AdamOptimizer
+    extra = {"chunk_numel": 50} if kind == "offload" else {}
+    opt = cls(mine, **HP, **extra)
+    if load_from is not None:
+        sd = torch.load(load_from)
+        assert sd["is_whole"]
+        opt.load_state_dict(sd)
+        for i, p in enumerate(mine):  # the model checkpoint's part: parameters = master rounded
+            p.data.copy_(opt.state[p]["_param_fp32"].reshape(p.shape).to(dtype))
+            assert opt.state[p]["step"] == first - 1, i
+    for t in range(first, last + 1):
+        _set_shard_grads(full, mine, t)
+        opt.step(scale=SCALE)
+    sd = opt.state_dict(gather=True)
+    assert sd["is_whole"] is True
+    if ctx.rank != 0:
+        assert sd["state"] == {}
+        return
+    torch.save(sd, save_to)
+    ref = cls(full, **HP, **extra)
+    run_ours(ref, full, 1, last)
+    assert sorted(sd["state"]) == list(range(len(full)))
+    for i, f in enumerate(full):
+        got, want = sd["state"][i], ref.state[f]
+        assert got["step"] == want["step"] == last
+        for k in ("exp_avg", "exp_avg_sq", "_param_fp32"):
+            assert got[k].shape == (f.numel(),) and got[k].device.type == "cpu"
+            if kind == "adam" and ctx.device.type == "cuda":  # Triton on GPU vs torch ops on CPU
+                torch.testing.assert_close(got[k], want[k].reshape(-1), rtol=1e-6, atol=1e-6)
+            else:  # the same arithmetic on the same elements: equal to the bit
+                assert torch.equal(got[k], want[k].reshape(-1)), (i, k)
+
+
+@pytest.mark.world_size(2)
+def test_gathered_state_reloads_at_another_world_size(spawn: Any, tmp_path: Any) -> None:
+    """Gather at world 2, reload and train at world 4, gather there, reload in one process."""
+    first, second = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    assert all(spawn(_train_gather_check, first, 1, 4, None))
+    assert all(run_distributed(_train_gather_check, 4, second, 5, 7, first))
+    # and in one process without bmt_comm: the shards of a one-rank group are the whole parameters
+    for kind in ("offload", "adam"):
+        sd = torch.load(f"{second}.{kind}")
+        params = make_params(FULL_SHAPES + [WHOLE_SHAPE], torch.bfloat16)
+        opt: Any = AdamOffloadOptimizer(params, **HP) if kind == "offload" else AdamOptimizer(params, **HP)  # type: ignore[arg-type]
+        opt.load_state_dict(sd)
+        for p in params:
+            p.data.copy_(opt.state[p]["_param_fp32"].reshape(p.shape).to(p.dtype))
+        run_ours(opt, params, 8, 9)
+        ref_params = make_params(FULL_SHAPES + [WHOLE_SHAPE], torch.bfloat16)
+        ref = AdamOffloadOptimizer(ref_params, **HP)  # type: ignore[arg-type]
+        run_ours(ref, ref_params, 1, 9)
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(master_of(opt, p), master_of(ref, q), **TOL)

@@ -1,0 +1,143 @@
+"""The C++ CPU Adam against its torch fallback: every SIMD level, dtype pair, size and thread count."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from bmt_optim.cpu_adam import CpuAdamBackend, cpu_adam_update, native_available, native_module
+from bmt_optim.kernels_adam import AdamScalars
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="the C++ CPU Adam was not built (no C++ compiler)")
+
+LEVELS = ["avx512", "avx2", "scalar"]
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [1, 15, 16, 33, 70_001]  # tails of every kind; the large one splits over threads
+S = AdamScalars.make(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, scale=3.0, maximize=True)
+
+
+def levels() -> list[str]:
+    mod = native_module()
+    assert mod is not None
+    best = mod.best_simd()
+    return LEVELS[LEVELS.index(best):]
+
+
+@pytest.fixture
+def simd() -> Any:
+    mod = native_module()
+    assert mod is not None
+    yield mod
+    mod.set_simd(mod.best_simd())
+
+
+def problem(n: int, grad_dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = [torch.randn(n, generator=g), torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) * 0.01]
+    grad = (torch.randn(n, generator=g) * 50).to(grad_dtype)
+    return state, grad
+
+
+@pytest.mark.parametrize("grad_dtype", FLOATS, ids=str)
+def test_native_matches_torch(simd: Any, grad_dtype: torch.dtype) -> None:
+    for level in levels():
+        simd.set_simd(level)
+        assert simd.simd() == level
+        for out_dtype in [None, *FLOATS]:
+            for n in SIZES:
+                for threads in (1, 3) if n > 1000 else (1,):
+                    state, grad = problem(n, grad_dtype)
+                    a, b = [t.clone() for t in state], [t.clone() for t in state]
+                    oa = None if out_dtype is None else torch.empty(n, dtype=out_dtype)
+                    ob = None if out_dtype is None else torch.empty(n, dtype=out_dtype)
+                    used = cpu_adam_update(*a, grad, oa, S, num_threads=threads)
+                    cpu_adam_update(*b, grad, ob, S, backend=CpuAdamBackend.TORCH)
+                    assert used is CpuAdamBackend.NATIVE
+                    where = f"{level} grad {grad_dtype} out {out_dtype} n={n} threads={threads}"
+                    # moments agree to the bit (same roundings); the master to torch's sqrt (0.5 ulp)
+                    assert torch.equal(a[1], b[1]), where
+                    assert torch.equal(a[2], b[2]), where
+                    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7, msg=where)
+                    if oa is not None:
+                        assert torch.equal(oa, a[0].to(out_dtype)), f"out is the master rounded: {where}"
+
+
+def test_conversions_of_special_values(simd: Any) -> None:
+    """fp16/bf16 rounding (to nearest even), overflow to inf, subnormals, inf and nan as torch."""
+    specials = torch.tensor(
+        [0.0, -0.0, 1.0, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 1e-40, 3.0e38, 1.00390625, 1.01171875,
+         float("inf"), float("-inf"), float("nan")] * 3 + [0.1 * i for i in range(-20, 21)]
+    )
+    n = specials.numel()
+    zero = AdamScalars.make(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    for level in levels():
+        simd.set_simd(level)
+        for out_dtype in (torch.float16, torch.bfloat16):
+            for grad_dtype in FLOATS:
+                # a zero gradient leaves the master as it is (inf and nan included): out is its rounding
+                grad = specials.to(grad_dtype)
+                out = torch.empty(n, dtype=out_dtype)
+                cpu_adam_update(specials.clone(), torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=grad_dtype),
+                                out, zero, num_threads=1)
+                want = specials.to(out_dtype)
+                same = (out == want) | (out.isnan() & want.isnan())
+                assert bool(same.all()), f"{level} {out_dtype}: {out[~same]} vs {want[~same]}"
+                # the gradient is read exactly: from zero, v = (1 - beta2) * g * g
+                expect_v = torch.zeros(n).addcmul_(grad.float(), grad.float(), value=1 - 0.999)
+                got_v = torch.zeros(n)
+                cpu_adam_update(specials.clone(), torch.zeros(n), got_v, grad, None, zero, num_threads=1)
+                assert torch.equal(got_v.nan_to_num(), expect_v.nan_to_num()), level
+
+
+def test_argument_checks(simd: Any) -> None:
+    state, grad = problem(8, torch.float32)
+    with pytest.raises(ValueError, match="exp_avg of 8 elements"):
+        cpu_adam_update(state[0], state[1][:4], state[2], grad, None, S)
+    with pytest.raises(ValueError, match="master of dtype torch.float32, got torch.float16"):
+        cpu_adam_update(state[0].half(), state[1], state[2], grad, None, S)
+    with pytest.raises(ValueError, match="contiguous grad"):
+        cpu_adam_update(state[0], state[1], state[2], torch.zeros(16)[::2], None, S)
+    with pytest.raises(ValueError, match="num_threads must be >= 1, got 0"):
+        cpu_adam_update(*state, grad, None, S, num_threads=0)
+    with pytest.raises(ValueError, match="simd level must be"):
+        simd.set_simd("sse9")
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        AdamScalars.make(lr=1.0, beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, step=0)
+
+
+def _numpy_problem(n: int) -> list[torch.Tensor]:
+    """Built without torch kernels: torch's own OpenMP pool is not usable in a forked child."""
+    rng = np.random.default_rng(0)
+    return [torch.from_numpy(rng.standard_normal(n, dtype=np.float32)) for _ in range(4)]
+
+
+def _child_runs_kernel(q: Any) -> None:
+    master, m, v, grad = _numpy_problem(200_000)
+    v.numpy()[:] = np.abs(v.numpy())
+    cpu_adam_update(master, m, v, grad, None, S, num_threads=2)
+    q.put(master.numpy().copy())
+
+
+def test_thread_pool_survives_fork() -> None:
+    """A child forked after the pool started (e.g. a DataLoader worker) builds its own pool."""
+    state, grad = problem(200_000, torch.bfloat16)
+    cpu_adam_update(*state, grad, None, S, num_threads=2)  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child_runs_kernel, args=(q,))
+    proc.start()
+    try:
+        got = q.get(timeout=30)
+    except queue.Empty:
+        pytest.fail("the forked child hung in the CPU Adam thread pool")
+    finally:
+        proc.kill()
+        proc.join()
+    master, m, v, grad = _numpy_problem(200_000)
+    v.abs_()
+    cpu_adam_update(master, m, v, grad, None, S, backend=CpuAdamBackend.TORCH)
+    torch.testing.assert_close(torch.from_numpy(got), master, rtol=1e-6, atol=1e-7)
