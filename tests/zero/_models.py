@@ -98,3 +98,26 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> N
     assert list(a) == list(b), (what, list(a), list(b))
     for k in a:
         assert torch.equal(a[k].cpu(), b[k].cpu()), (what, k)
+
+
+def block_model(scale: float = 1.0) -> torch.nn.Module:
+    """Layers in bmt-ckpt Blocks (their params are views into flat storage) next to a plain
+    DistributedParameter: the generic code must handle in-block parameters by duck typing."""
+    from bmt_ckpt import Block, TransformerBlockList
+    from bmt_zero import DistributedModule, DistributedParameter
+
+    class Layer(DistributedModule):
+        def __init__(self, i: int) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(20 + i)
+            self.w = DistributedParameter(torch.randn(6, 5, generator=g) * scale)
+            self.b = DistributedParameter(torch.randn(5, generator=g) * scale)
+            self.register_buffer("count", torch.full((2,), float(i) * scale))
+
+    class Root(DistributedModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = TransformerBlockList([Block(Layer(i)) for i in range(3)])
+            self.head = DistributedParameter(torch.arange(7.0) * scale)
+
+    return Root()

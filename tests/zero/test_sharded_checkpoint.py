@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ..harness import run_distributed
-from ._models import full_state, same, store_model
+from ._models import block_model, full_state, same, store_model
 
 
 def _listing(tmp: str) -> list[str]:
@@ -33,6 +33,7 @@ def _save_at_four(tmp: str) -> None:
     bmt_zero.load_sharded(grown, os.path.join(tmp, "from1"))
     same(full_state(grown), full_state(store_model(scale=3.0)), "load at 4 of a world-1 checkpoint")
 
+    bmt_zero.save_sharded(block_model(), os.path.join(tmp, "blocks4"))
     model = store_model()
     ckpt = os.path.join(tmp, "from4")
     bmt_zero.save_sharded(model, ckpt)
@@ -44,7 +45,7 @@ def _save_at_four(tmp: str) -> None:
     assert tiny["shape"] == [3] and tiny["dtype"] == "float32" and tiny["kind"] == "sharded"
     assert tiny["pieces"] == [[0, 0, 0, 1], [1, 0, 1, 2], [2, 0, 2, 3]]  # rank 3 holds nothing
     assert meta["tensors"]["lin.weight"]["kind"] == "replicated" and meta["tensors"]["bf16"]["dtype"] == "bfloat16"
-    assert _listing(tmp) == ["from1", "from4"]
+    assert _listing(tmp) == ["blocks4", "from1", "from4"]
 
     # a save that fails on one rank midway leaves the previous checkpoint and no temporary
     real = sharded.save_file
@@ -61,13 +62,14 @@ def _save_at_four(tmp: str) -> None:
             bmt_zero.save_sharded(store_model(scale=5.0), ckpt)
     finally:
         sharded.save_file = real
-    assert _listing(tmp) == ["from1", "from4"] and sorted(os.listdir(ckpt)) == files
+    assert _listing(tmp) == ["blocks4", "from1", "from4"] and sorted(os.listdir(ckpt)) == files
     again = store_model(scale=0.0)
     bmt_zero.load_sharded(again, ckpt)
     same(full_state(again), full_state(model), "reload after a failed save")
 
 
 def _load_at_two(tmp: str) -> None:
+    import bmt_comm
     import bmt_zero
 
     want = full_state(store_model())
@@ -93,6 +95,22 @@ def _load_at_two(tmp: str) -> None:
     with pytest.raises((FileNotFoundError, RuntimeError), match="metadata.json"):
         bmt_zero.load_sharded(store_model(scale=0.0), os.path.join(tmp, "nowhere"))
 
+    # Blocks: their parameters are pieces of flat storage, with other ranges at every world size
+    blocks = block_model(scale=0.0)
+    assert blocks.layers[1]._parameters["w"]._in_block and not blocks._parameters["head"]._in_block
+    bmt_zero.load_sharded(blocks, os.path.join(tmp, "blocks4"))
+    want = full_state(block_model())
+    assert "layers.1.w" in want and "layers.2.count" in want and "head" in want
+    same(full_state(blocks), want, "blocks at 2 from 4")
+    path = os.path.join(tmp, "blocks.pt")
+    bmt_zero.save(blocks, path)  # gathered file: rank 0 receives each in-block parameter's pieces
+    if bmt_comm.rank() == 0:
+        same(torch.load(path), want, "blocks file")
+    again = block_model(scale=0.0)
+    bmt_zero.load(again, path)  # each rank receives only its piece of each in-block parameter
+    same(full_state(again), want, "blocks loaded from file")
+    bmt_zero.save_sharded(again, os.path.join(tmp, "blocks2"))
+
 
 def _load_at_one(tmp: str) -> None:
     import bmt_zero
@@ -102,6 +120,9 @@ def _load_at_one(tmp: str) -> None:
         model = store_model(scale=0.0)
         bmt_zero.load_sharded(model, os.path.join(tmp, name))
         same(full_state(model), want, f"load at 1 of {name}")
+    blocks = block_model(scale=0.0)
+    bmt_zero.load_sharded(blocks, os.path.join(tmp, "blocks2"))
+    same(full_state(blocks), full_state(block_model()), "blocks at 1 from 2")
 
 
 def test_sharded_checkpoint_across_world_sizes(tmp_path):
