@@ -3,8 +3,9 @@
 
 from .block import Block, BlockMode
 from .block_list import TransformerBlockList
+from .pipeline import PipelineTransformerBlockList
 from .wrapper import BMTrainModelWrapper
 
 CheckpointBlock = Block
 
-__all__ = ["BMTrainModelWrapper", "Block", "BlockMode", "CheckpointBlock", "TransformerBlockList"]
+__all__ = ["BMTrainModelWrapper", "Block", "BlockMode", "CheckpointBlock", "PipelineTransformerBlockList", "TransformerBlockList"]

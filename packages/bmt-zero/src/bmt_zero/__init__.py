@@ -1,5 +1,6 @@
 """bmt-zero: ZeRO-sharded parameters and modules, flat sharded storage, checkpoints, tensor-parallel layers."""
 
+from . import nn
 from .flat_storage import FlatStorage
 from .gather import gather_for_state, gather_full, gather_to
 from .grouping import grouped_parameters
@@ -25,6 +26,7 @@ __all__ = [
     "load",
     "load_sharded",
     "make_distributed",
+    "nn",
     "save",
     "save_sharded",
 ]
