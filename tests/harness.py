@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -70,7 +71,9 @@ def _worker(
         if init_kwargs is not None and bmt_comm.is_initialized():
             bmt_comm.destroy()
         dist.destroy_process_group()
-        results.put(("ok", rank, out))
+        # plain pickle copies tensors by value; the queue's own pickler would pass shared-memory
+        # handles that die with this process
+        results.put(("ok", rank, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put(("error", rank, traceback.format_exc()))
 
@@ -133,7 +136,7 @@ def run_distributed(
                     continue
                 if status == "error":
                     raise DistributedTestError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{payload}")
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
         finally:
             for p in procs:
                 if p.is_alive():
