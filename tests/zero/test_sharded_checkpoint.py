@@ -111,6 +111,27 @@ def _load_at_two(tmp: str) -> None:
     same(full_state(again), want, "blocks loaded from file")
     bmt_zero.save_sharded(again, os.path.join(tmp, "blocks2"))
 
+    # _save_to_infer_model: each Block of the list reaches the engine on local rank 0, layer by layer
+    from bmt_zero.store import _save_to_infer_model
+
+    class Engine:
+        def __init__(self) -> None:
+            self.layers: list[dict[str, torch.Tensor]] = []
+
+        def load_layer_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+            self.layers.append(dict(state))
+
+    engine = Engine()
+    rest = _save_to_infer_model(again, engine)
+    assert bmt_comm.get_context().settings.save_param_to_cpu  # restored afterwards
+    if bmt_comm.get_context().local_rank == 0:
+        assert [sorted(layer) for layer in engine.layers] == [
+            [f"layers.{i}.b", f"layers.{i}.count", f"layers.{i}.w"] for i in range(3)
+        ]
+        assert torch.equal(engine.layers[2]["layers.2.w"], want["layers.2.w"]) and list(rest) == ["head"]
+    else:
+        assert engine.layers == [] and len(rest) == 0
+
 
 def _load_at_one(tmp: str) -> None:
     import bmt_zero
