@@ -14,6 +14,7 @@ against the measured device-to-device copy bandwidth. Also times the inf/nan che
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,8 @@ from bmt_optim.nan_check import check_inf_nan_, new_flag
 SHAPES = [(256, 128 * 1024), (4096, 32000), (8192, 128256)]
 MIB = 1 << 20
 
+
+RESULTS: list[dict[str, object]] = []
 
 def _time_ms(fn: Callable[[], object], iters: int) -> float:
     for _ in range(3):
@@ -95,6 +98,10 @@ def bench_shape(n: int, c: int, dtype: torch.dtype, iters: int, bw: float) -> No
             torch.cuda.empty_cache()
             continue
         print(f"  {name:<16}{ms:>10.3f}{100 * bound_ms / ms:>11.1f}%{peak:>12.1f}")
+        RESULTS.append(
+            {"bench": "cross_entropy", "shape": [n, c], "dtype": str(dtype), "peer": name, "ms": ms,
+             "bound_ms": bound_ms, "peak_mib": peak}
+        )
 
 
 def bench_nan_check(iters: int, bw: float) -> None:
@@ -106,19 +113,29 @@ def bench_nan_check(iters: int, bw: float) -> None:
         ms_torch = _time_ms(lambda x=x: torch.isfinite(x).all(), iters)
         bound = x.numel() * x.element_size() / bw * 1e3
         print(f"  {dtype} 2^28: ours {ms:.3f} ms ({100 * bound / ms:.0f}% of bound), torch isfinite().all() {ms_torch:.3f} ms")
+        RESULTS.append(
+            {"bench": "nan_check", "dtype": str(dtype), "numel": 1 << 28, "ms": ms, "torch_ms": ms_torch, "bound_ms": bound}
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_cross_entropy: no CUDA device, skipped")
+        return
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device copy bandwidth {bw / 1e9:.0f} GB/s")
     for n, c in SHAPES:
         bench_shape(n, c, dtype, args.iters, bw)
     bench_nan_check(args.iters, bw)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": RESULTS}, f, indent=1)
 
 
 if __name__ == "__main__":
