@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from .models import Config, Layer, batch, causal_mask, distribute_, make_layers, plain_copy
+from .models import Config, batch, causal_mask, distribute_, make_layers, plain_copy
 
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -20,6 +20,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
     if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
         raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g}")
+
+
+def _rank() -> int:
+    import bmt_comm
+
+    return bmt_comm.get_context().rank
 
 
 def _world() -> int:
@@ -184,6 +190,14 @@ def _state_dict_round_trip(cfg: Config) -> None:
     for k in ref_sd:
         _close(sd[k], ref_sd[k], f"state_dict[{k}]")
         assert sd[k].device.type == "cpu"
+    from bmt_zero.gather import gather_to
+
+    with gather_to(0):  # parameter by parameter, kept on rank 0 only
+        sd0 = block.state_dict()
+    if _rank() == 0:
+        assert list(sd0) == list(ref_sd) and all(torch.equal(sd0[k], sd[k]) for k in sd)
+    else:
+        assert not sd0, list(sd0)
     new = {k: v * 2 + 1 for k, v in ref_sd.items()}
     assert not block.load_state_dict(new).missing_keys
     ref.load_state_dict(new)
@@ -261,7 +275,7 @@ def _prefetch_order(cfg: Config) -> None:
         )
         seen: list[tuple[str, int, list[int]]] = []
 
-        def hook(index: int):
+        def hook(index: int, model: nn.Module = model, ckpt: bool = ckpt, seen: list = seen):
             def record(module: nn.Module, args: object) -> None:
                 gathered = [j for j, b in enumerate(model) if b.storage.state is not BufferState.RELEASED]
                 phase = "backward" if ckpt and torch.is_grad_enabled() else "forward"
@@ -324,7 +338,13 @@ def _wrapper(cfg: Config) -> None:
     assert sum(p.numel() for p in listed) == sum(b.storage.flat_parameters()[0].numel() for b in model.layers) + sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith("layers.")
     )
-    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    # a manual SGD step (torch.optim's first import costs seconds per process, via torch._dynamo)
+    def sgd_step(m: nn.Module) -> None:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(p.grad, alpha=-0.1)
+        m.zero_grad()
+
     mask, world = causal_mask(cfg.seq), _world()
     for step in range(3):
         x, target = batch(cfg, 2, seed=30 + step)
@@ -333,10 +353,8 @@ def _wrapper(cfg: Config) -> None:
         _close(loss.detach(), ref_loss.detach(), f"loss at step {step}")
         ref_loss.backward()
         (loss / world).backward()
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
+        sgd_step(model)
+        sgd_step(ref)
     state = model.state_dict()
     for k, v in ref.state_dict().items():
         _close(state[k], v, k)

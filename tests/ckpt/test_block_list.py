@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from .models import (
     Config,
@@ -29,16 +30,24 @@ STEPS = 10
 LR = 0.05
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = RTOL, atol: float = ATOL) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
-    if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
-        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g} (rtol={RTOL}, atol={ATOL})")
+    a, b = a.cpu().float(), b.cpu().float()
+    if not torch.allclose(a, b, rtol=rtol, atol=atol):
+        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g} (rtol={rtol}, atol={atol})")
 
 
-def _build(cfg: Config, zero_level: int, use_checkpoint: bool, kind: type = Layer, num_hidden: int = 1):
+def _build(
+    cfg: Config, zero_level: int, use_checkpoint: bool, kind: type = Layer, num_hidden: int = 1,
+    dtype: torch.dtype = torch.float32, layers: nn.ModuleList | None = None,
+):
+    """The plain layers (on this rank's device, in ``dtype``) and a copy of them as a block list."""
+    import bmt_comm
     from bmt_ckpt import Block, TransformerBlockList
 
-    layers = make_layers(cfg, seed=7, kind=kind)
+    if layers is None:
+        layers = make_layers(cfg, seed=7, kind=kind)
+    layers = layers.to(device=bmt_comm.get_context().device, dtype=dtype)
     ref = plain_copy(layers)
     blocks = [Block(distribute_(m), use_checkpoint=use_checkpoint, zero_level=zero_level) for m in layers]
     return ref, TransformerBlockList(blocks, num_hidden=num_hidden)
@@ -59,25 +68,28 @@ def _global_loss(local: torch.Tensor) -> float:
     return float(t)
 
 
-def _train_equals_plain(zero_level: int, use_checkpoint: bool, style: str, optim_on: str) -> None:
+def _train_equals_plain(
+    zero_level: int, use_checkpoint: bool, style: str, optim_on: str, cfg: Config | None = None,
+    dtype: torch.dtype = torch.float32, rtol: float = RTOL, atol: float = ATOL,
+) -> None:
     """10 SGD steps; the loss is the mean over the global batch, so each rank's share is its sum / N."""
     import bmt_comm
 
     ctx = bmt_comm.get_context()
     rank, world = ctx.rank, ctx.world_size
-    cfg = Config()
-    ref, model = _build(cfg, zero_level, use_checkpoint)
-    mask = causal_mask(cfg.seq)
+    cfg = cfg or Config()
+    ref, model = _build(cfg, zero_level, use_checkpoint, dtype=dtype)
+    mask = causal_mask(cfg.seq).to(ctx.device)
     flat = [p for _, ps in (g for b in model for g in b.grouped_parameters()) for p in ps]
     views = list(model.parameters())
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
     n = 4 * world
     for step in range(STEPS):
-        x, target = batch(cfg, n, seed=100 + step)
+        x, target = (t.to(ctx.device, dtype) for t in batch(cfg, n, seed=100 + step))
         h = x
         for layer in ref:
             h = layer(h, mask)
-        ref_loss = ((h - target) ** 2).mean()
+        ref_loss = ((h.float() - target.float()) ** 2).mean()
         ref.zero_grad()
         ref_loss.backward()
         _sgd(list(ref.parameters()))
@@ -89,7 +101,7 @@ def _train_equals_plain(zero_level: int, use_checkpoint: bool, style: str, optim
             out = xl
             for block in model:
                 out = block(out, mask)
-        loss = ((out - tl) ** 2).sum() / (n * cfg.seq * cfg.dim)
+        loss = ((out.float() - tl.float()) ** 2).sum() / (n * cfg.seq * cfg.dim)
         loss.backward()
         _sgd(flat if optim_on == "flat" else views)
         if optim_on == "flat":
@@ -97,11 +109,11 @@ def _train_equals_plain(zero_level: int, use_checkpoint: bool, style: str, optim
                 p.grad = None
         else:
             model.zero_grad()
-        _close(torch.tensor(_global_loss(loss)), ref_loss.detach(), f"loss at step {step}")
+        _close(torch.tensor(_global_loss(loss)), ref_loss.detach().cpu(), f"loss at step {step}", rtol, atol)
     state, ref_state = model.state_dict(), ref.state_dict()
     assert list(state) == list(ref_state)
     for key, value in ref_state.items():
-        _close(state[key], value, f"parameter {key} after {STEPS} steps")
+        _close(state[key], value, f"parameter {key} after {STEPS} steps", rtol, atol)
     for block in model:
         assert all(not torch.is_tensor(p.grad) or p.grad.numel() == p.numel() for p in block.parameters())
 

@@ -10,6 +10,7 @@ import bmt_comm
 import torch
 from bmt_comm import Communicator
 from bmt_zero.flat_storage import FlatStorage
+from bmt_zero.gather import state_dst
 from bmt_zero.parameter import DistributedParameter
 
 from .checkpointing import BlockCall, run_block
@@ -262,7 +263,29 @@ class Block(torch.nn.Module):
 
     # --- state dict ----------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        save_block_state(self._module, destination, prefix, keep_vars)
+        """Full tensors under the inner module's names. When every rank keeps them (not inside
+        ``bmt_zero.gather.gather_to``) and none is tensor-parallel split, the Block is gathered
+        once (one all-gather per flat buffer); otherwise each parameter is gathered on its own."""
+        shared = self.runtime.shared
+        tp_size = bmt_comm.get_context().comms.tp.size
+        tp_split = any(p._tp_mode and p._tp_split_dim >= 0 for _, p in shared.storage.named_parameters())
+        if state_dst() is not None or (tp_split and tp_size > 1) or shared.in_use:
+            save_block_state(self._module, destination, prefix, keep_vars)
+            return
+        storage = shared.storage
+        names = {id(p): name for name, p in storage.named_parameters()}
+        to_cpu = bmt_comm.get_context().settings.save_param_to_cpu
+
+        def full_of(p: DistributedParameter) -> torch.Tensor:
+            view = storage.full_tensor(names[id(p)]).detach()  # valid only until the release below
+            return view.to("cpu", copy=True) if to_cpu else view.clone()
+
+        storage.gather_async(force=True)
+        storage.wait()
+        try:
+            save_block_state(self._module, destination, prefix, keep_vars, full_of)
+        finally:
+            shared.release_if_idle()
 
     def _load_from_state_dict(
         self,

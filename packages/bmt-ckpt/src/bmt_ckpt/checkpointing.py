@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .runtime import BackwardHold, BlockRuntime, Phase, queue_final_callback
+from .runtime import BackwardHold, BlockRuntime, Phase, queue_final_callback, track_reduce
 
 __all__ = ["BlockCall", "BlockFunction", "RngState", "AutocastState", "run_block"]
 
@@ -197,7 +197,7 @@ class BlockFunction(torch.autograd.Function):
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wrt)
         finally:
             runtime.finish()
-        storage.reduce_scatter_grads(full_grads)
+        track_reduce(storage.reduce_scatter_grads(full_grads))
         hold: BackwardHold | None = ctx.hold
         if hold is not None:
             hold.done()

@@ -20,9 +20,17 @@ from typing import Any
 
 import bmt_comm
 import torch
-from bmt_zero.flat_storage import BufferState, FlatStorage
+from bmt_zero.flat_storage import BufferState, FlatStorage, ReduceHandle
 
-__all__ = ["Phase", "ReleasePolicy", "SharedStorage", "BlockRuntime", "BackwardHold", "queue_final_callback"]
+__all__ = [
+    "Phase",
+    "ReleasePolicy",
+    "SharedStorage",
+    "BlockRuntime",
+    "BackwardHold",
+    "queue_final_callback",
+    "track_reduce",
+]
 
 
 class Phase(Enum):
@@ -81,6 +89,32 @@ class _Prefetch:
 _PREFETCH = _Prefetch()
 
 
+class _InFlightReduce:
+    """The last Block's reduce-scatters, still running on the load stream while the next Block's
+    backward computes. When a Block queues its own, the compute stream waits for the previous
+    ones and their full gradient buffers are freed: at most two such buffers exist at a time,
+    however far the CPU runs ahead of the GPU."""
+
+    def __init__(self) -> None:
+        self._handles: list[ReduceHandle] = []
+
+    def replace(self, handles: list[ReduceHandle]) -> None:
+        self.drain()
+        self._handles = handles
+
+    def drain(self) -> None:
+        for handle in self._handles:
+            handle.wait()
+        self._handles = []
+
+
+_REDUCE = _InFlightReduce()
+
+
+def track_reduce(handles: list[ReduceHandle]) -> None:
+    _REDUCE.replace(handles)
+
+
 class _FinalCallback:
     """Once per backward pass: order the compute stream after the last reduce-scatters (issued on
     the load stream, so they overlap earlier Blocks' backward) and drop an unused prefetch."""
@@ -99,6 +133,7 @@ class _FinalCallback:
         def run() -> None:
             self.queued = False
             _PREFETCH.claim(None)
+            _REDUCE.drain()
             streams = bmt_comm.get_context().streams
             bmt_comm.wait_stream(bmt_comm.current_stream(device), streams.load)
             bmt_comm.wait_stream(streams.calc, streams.load)

@@ -8,7 +8,7 @@ saved and loaded too, so a strict load of a Block's own state dict succeeds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import bmt_comm
@@ -33,13 +33,21 @@ def _has_extra_state(module: torch.nn.Module) -> bool:
     return type(module).get_extra_state is not torch.nn.Module.get_extra_state
 
 
-def save_block_state(inner: torch.nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+FullOf = Callable[[DistributedParameter], "torch.Tensor | None"]
+
+
+def save_block_state(
+    inner: torch.nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool, full_of: FullOf | None = None
+) -> None:
+    """``full_of(param)`` gives a parameter's full tensor, a new one (None where not kept); by
+    default ``gather_for_state``, one collective per parameter."""
     to_cpu = bmt_comm.get_context().settings.save_param_to_cpu
     keep = keeps_state()  # False on ranks that only help rank 0 gather (bmt.save)
+    full_of = full_of or gather_for_state
     for mod_prefix, module in _modules(inner, prefix):
         for name, param in module._parameters.items():
             if isinstance(param, DistributedParameter):
-                full = gather_for_state(param)
+                full = full_of(param)
                 if full is not None:
                     destination[mod_prefix + name] = full.cpu() if to_cpu else full
         if not keep:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 import bmt_comm
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "FlatLayout",
     "FlatSlot",
     "FlatStorage",
+    "ReduceHandle",
     "plan_layout",
 ]
 
@@ -126,6 +128,20 @@ def plan_layout(key: BufferKey, named_shapes: Sequence[tuple[str, torch.Size]], 
         slots.append(FlatSlot(name, torch.Size(shape), offset))
         end = offset + slots[-1].numel
     return FlatLayout(key, tuple(slots), _round_up(end, world * align), world)
+
+
+class ReduceHandle(NamedTuple):
+    """A reduce-scatter in flight on the load stream, and the full gradient buffer it reads."""
+
+    full_grad: torch.Tensor
+    event: torch.cuda.Event | None  # recorded on the load stream after the accumulation
+
+    def wait(self) -> None:
+        """Order the current stream after the reduce-scatter; then the buffer may be dropped."""
+        if self.event is not None:
+            stream = bmt_comm.current_stream(self.full_grad.device)
+            if stream is not None:
+                stream.wait_event(self.event)
 
 
 class FlatBuffer:
@@ -285,38 +301,59 @@ class FlatBuffer:
         """A zeroed full-size gradient buffer (on the current stream)."""
         return torch.zeros(self.layout.total, dtype=self.layout.key.dtype, device=self.device)
 
-    def reduce_scatter_grad(self, full_grad: torch.Tensor) -> None:
+    def reduce_scatter_grad(self, full_grad: torch.Tensor) -> ReduceHandle:
         """Sum ``full_grad`` over the group into the shard's ``.grad`` (on the load stream).
 
         Accumulates onto the existing gradient. A parameter whose ``.grad`` was set to None (or
         replaced) since the last call starts from zero, as does everything when the flat
         parameter's ``.grad`` is None. Each parameter's ``.grad`` is then a view of the shard's.
+        Keep the returned handle until its ``wait()``: ``full_grad`` must outlive the collective.
         """
-        grad = self._attach_grads()
+        grad, overwrite = self._attach_grads()
         if self.layout.total == 0:
-            return
+            return ReduceHandle(full_grad, None)
         streams = bmt_comm.get_context().streams
         # gradients were produced on the current stream; the reduce-scatter must follow them
         bmt_comm.wait_stream(streams.load, bmt_comm.current_stream(self.device))
+        event: torch.cuda.Event | None = None
         with bmt_comm.stream_context(streams.load):
-            part = torch.empty(self.layout.partition_numel, dtype=grad.dtype, device=self.device)
-            self.comm.reduce_scatter(full_grad, part, "sum")
-            grad.add_(part)
-            bmt_comm.record_stream(full_grad, streams.load)
+            if overwrite:  # nothing to keep: no temporary, no addition
+                self.comm.reduce_scatter(full_grad, grad, "sum")
+            else:
+                part = torch.empty(self.layout.partition_numel, dtype=grad.dtype, device=self.device)
+                self.comm.reduce_scatter(full_grad, part, "sum")
+                grad.add_(part)
+            if streams.load is not None:
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(streams.load)
+        return ReduceHandle(full_grad, event)
 
-    def _attach_grads(self) -> torch.Tensor:
-        if self.shard.grad is None:
-            self.shard.grad = torch.zeros_like(self.shard.detach())
+    def _attach_grads(self) -> tuple[torch.Tensor, bool]:
+        """The shard's gradient, every parameter's ``.grad`` a view of it, and whether none of its
+        values is to be kept (then the reduce-scatter overwrites it). Allocated, and stale parts
+        zeroed, on the current stream, which the load stream waits for."""
+        fresh = self.shard.grad is None
+        if fresh:
+            self.shard.grad = torch.empty_like(self.shard.detach())
         grad = self.shard.grad
+        assert grad is not None
         part_start = self.layout.partition(self.comm.rank)[0]
+        stale: list[tuple[DistributedParameter, int, int]] = []
+        kept = False
         for slot, p, (lo, hi) in zip(self.layout.slots, self.params, self.local_ranges, strict=True):
             if not p.requires_grad:
                 continue
             dst = slot.offset + lo - part_start
-            if not _is_view_at(p.grad, grad, dst, hi - lo):
-                grad[dst : dst + hi - lo].zero_()
-                p.grad = grad[dst : dst + hi - lo]
-        return grad
+            if _is_view_at(p.grad, grad, dst, hi - lo):
+                kept = kept or hi > lo
+            else:
+                stale.append((p, dst, hi - lo))
+        overwrite = fresh or not kept
+        for p, dst, n in stale:
+            if not overwrite:
+                grad[dst : dst + n].zero_()
+            p.grad = grad[dst : dst + n]
+        return grad, overwrite
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:
@@ -432,10 +469,8 @@ class FlatStorage:
         """A zeroed full gradient buffer per flat buffer that takes gradients (None for frozen)."""
         return [b.new_full_grad() if b.layout.key.requires_grad else None for b in self.buffers]
 
-    def reduce_scatter_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
-        for b, g in zip(self.buffers, grads, strict=True):
-            if g is not None:
-                b.reduce_scatter_grad(g)
+    def reduce_scatter_grads(self, grads: Sequence[torch.Tensor | None]) -> list[ReduceHandle]:
+        return [b.reduce_scatter_grad(g) for b, g in zip(self.buffers, grads, strict=True) if g is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buffers:
