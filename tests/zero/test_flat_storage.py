@@ -197,6 +197,7 @@ def _other_group_build() -> None:
     assert all(p._zero_comm is comms.tp_zero for p in params)
     storage = FlatStorage([(f"p{i}", p) for i, p in enumerate(params)], lambda p: comms.zero)
     assert all(b.comm is comms.zero for b in storage.buffers)
+    assert all(p._zero_comm is comms.zero for p in params)  # where gather_full finds the pieces now
     storage.gather_async()
     storage.wait()
     for i, full in enumerate(fulls):

@@ -186,6 +186,7 @@ class FlatBuffer:
             p.data = view
             p._in_block = True
             p._start_partition, p._end_partition = lo, hi
+            p._zero_comm = comm  # its pieces now live over this buffer's group, in rank order
 
     # --- construction ------------------------------------------------------------------
     def _fill_shard(self, chunk_numel: int | None) -> None:
