@@ -14,8 +14,10 @@ import torch
 SMALL = ["--steps", "40", "--layers", "1", "--hidden", "64", "--heads", "2", "--batch", "8", "--seq", "32"]
 
 
-def _train(args: list[str], cwd: Path) -> tuple[float, float, str]:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path: 2 processes on gloo
+def _train(args: list[str], cwd: Path, gpus: bool = False) -> tuple[float, float, str]:
+    env = dict(os.environ)
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path: 2 processes on gloo
     proc = subprocess.run(
         [sys.executable, "-m", "bmtrain.examples.train", *args],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=240,
@@ -26,28 +28,46 @@ def _train(args: list[str], cwd: Path) -> tuple[float, float, str]:
     assert first and final, proc.stdout
     assert "2 processes" in proc.stdout, proc.stdout
     assert "tok/s" in proc.stderr  # the progress bar
+    if gpus:
+        assert "MFU" in proc.stderr and "GiB" in proc.stderr, proc.stderr[-2000:]
     return float(first.group(1)), float(final.group(1)), proc.stdout
 
 
 def test_gpt_trains_on_two_cpu_processes_and_saves(tmp_path: Path) -> None:
     first, final, out = _train([*SMALL, "--save", "ckpt/{model}.pt"], tmp_path)
-    assert final < first - 0.5, out  # from ~ln(vocab) = 3.8 to ~2.5 in 40 steps
+    assert final < first - 0.5, out  # from ~ln(vocab) = 4.2 to ~3 in 40 steps
     state = torch.load(tmp_path / "ckpt" / "gpt.pt", map_location="cpu", weights_only=True)
-    vocab = state["wte.weight"].shape[0]
-    expected = {
-        "wte.weight": (vocab, 64), "wpe": (32, 64), "ln_f.weight": (64,),
-        "layers.0.attn.qkv.weight": (192, 64), "layers.0.mlp.fc.weight": (256, 64),
+    expected = {  # keys and shapes of the unwrapped model; the vocabulary is padded to 64
+        "wte.weight": (64, 64), "wpe": (32, 64), "ln_f.weight": (64,),
+        "layers.0.attn.q.weight": (64, 64), "layers.0.attn.proj.bias": (64,), "layers.0.mlp.fc.weight": (256, 64),
     }
     for key, shape in expected.items():
         assert tuple(state[key].shape) == shape, key
     assert not any(k.startswith("layers.1.") for k in state)
 
 
-def test_llama_trains_with_the_offloaded_optimizer(tmp_path: Path) -> None:
-    first, final, out = _train(["--model", "llama", "--offload", *SMALL, "--save", ""], tmp_path)
+def test_gpt_trains_tensor_parallel_with_the_offloaded_optimizer(tmp_path: Path) -> None:
+    first, final, out = _train([*SMALL, "--tp", "2", "--offload", "--save", ""], tmp_path)
     assert final < first - 0.5, out
-    assert "offloaded" in out
+    assert "tensor parallel 2" in out and "offloaded" in out
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_llama_trains_pipelined(tmp_path: Path) -> None:
+    first, final, out = _train(["--model", "llama", "--pipe", "2", *SMALL, "--layers", "2", "--save", "x.pt"], tmp_path)
+    assert final < first - 0.5, out
+    assert "pipeline 2" in out
+    state = torch.load(tmp_path / "x.pt", map_location="cpu", weights_only=True)
+    assert {"layers.0.attention.wq.weight", "layers.1.feed_forward.w2.weight", "output.weight"} <= set(state)
+
+
+@pytest.mark.gpus(2)
+def test_gpt_trains_on_two_gpus_with_nccl(tmp_path: Path) -> None:
+    """The same code on 2 GPUs: NCCL, bf16 by default, MFU and peak memory in the bar."""
+    first, final, out = _train(["--nproc", "2", *SMALL, "--save", "g.pt"], tmp_path, gpus=True)
+    assert final < first - 0.5, out
+    assert "on cuda" in out and "torch.bfloat16" in out, out
+    assert (tmp_path / "g.pt").exists()
 
 
 def test_options_are_checked() -> None:
@@ -63,6 +83,8 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="layers"):
         TrainOptions(layers=0)
     with pytest.raises(ValueError, match="tensor-parallel"):
-        TrainOptions(tp=2)
+        TrainOptions(model="llama", tp=2)
+    with pytest.raises(ValueError, match="divisible"):
+        TrainOptions(tp=4, batch=6)
     with pytest.raises(SystemExit):
         parse_options(["--model", "bert"])

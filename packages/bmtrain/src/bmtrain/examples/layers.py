@@ -33,7 +33,7 @@ class Linear(bmt.DistributedModule):
 
 
 class Embedding(bmt.DistributedModule):
-    """Token embedding; ``projection`` reuses the table as the output layer (tied weights)."""
+    """Token embedding."""
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, std: float = 0.02) -> None:
         super().__init__()
@@ -41,9 +41,6 @@ class Embedding(bmt.DistributedModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
         return F.embedding(ids, self.weight)
-
-    def projection(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, vocab)
-        return F.linear(x, self.weight)
 
 
 class LayerNorm(bmt.DistributedModule):

@@ -122,6 +122,8 @@ class LlamaLayer(bmt.DistributedModule):
 class Llama(bmt.DistributedModule):
     """Token ids ``(B, T)`` to next-token logits ``(B, T, vocab)``."""
 
+    vocab_parallel = False  # whole-vocabulary logits: written without tensor-parallel layers
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.cfg = cfg

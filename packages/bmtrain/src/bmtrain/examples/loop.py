@@ -35,8 +35,10 @@ class RunResult:
 def build_model(opts: TrainOptions, vocab_size: int, dtype: torch.dtype) -> torch.nn.Module:
     assert opts.layers and opts.hidden and opts.heads and opts.seq  # filled by opts.resolved()
     if opts.model == "gpt":
+        # padded (as nanoGPT does) to a multiple of 64 that the tensor-parallel size divides
+        padded = -(-vocab_size // math.lcm(64, opts.tp)) * math.lcm(64, opts.tp)
         return GPT(GPTConfig(
-            vocab_size=vocab_size, block_size=opts.seq, n_layer=opts.layers, n_head=opts.heads,
+            vocab_size=padded, block_size=opts.seq, n_layer=opts.layers, n_head=opts.heads,
             n_embd=opts.hidden, dtype=dtype, use_checkpoint=opts.checkpointing, pipeline=opts.pipe > 1,
         ))
     return Llama(LlamaConfig(
@@ -73,25 +75,32 @@ def _train(opts: TrainOptions) -> RunResult:
     bmt.init_parameters(model)  # same seed on every rank: identical values, each rank keeps its shard
     n_params = count_parameters(model)
 
-    loss_fn = bmt.loss.FusedCrossEntropy(ignore_index=-100)
+    vocab_parallel = bool(getattr(model, "vocab_parallel", False))
+    loss_fn = bmt.loss.FusedCrossEntropy(ignore_index=-100, parallel=vocab_parallel)
     adam = bmt.optim.AdamOffloadOptimizer if opts.offload else bmt.optim.AdamOptimizer
     optimizer = adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     lr_scheduler = bmt.lr_scheduler.Cosine(
         optimizer, start_lr=opts.lr, warmup_iter=opts.warmup, end_iter=opts.steps, num_iter=0
     )
-    optim_manager = bmt.optim.OptimManager(loss_scale=2**15 if opts.precision is Precision.FP16 else None)
+    # ZeRO sums gradients over ranks; dividing by the number of data-parallel batches makes them
+    # means (a tensor-parallel group computes one batch, so it counts once)
+    optim_manager = bmt.optim.OptimManager(
+        loss_scale=2**15 if opts.precision is Precision.FP16 else None, grad_scale=world // (opts.pipe * opts.tp)
+    )
     optim_manager.add_optimizer(optimizer, lr_scheduler)
 
-    # every rank draws its own windows: a pipeline gathers its ranks' batches and hands each
-    # rank back its own outputs, so from here it looks data-parallel either way
-    gen = torch.Generator().manual_seed(opts.seed * 1000 + rank)
+    # each tensor-parallel group draws its own windows and each of its ranks feeds its share of
+    # them; a pipeline gathers its ranks' inputs and hands each rank back its own outputs, so
+    # from here it looks data-parallel either way
+    tp_rank, tp_group = rank % opts.tp, rank // opts.tp
+    gen = torch.Generator().manual_seed(opts.seed * 1000 + tp_group)
     peak = peak_bf16_flops(device)
-    tokens_per_step = opts.batch * opts.seq * world
+    tokens_per_step = opts.batch * opts.seq * world // opts.tp
 
     bmt.print_rank(
         f"{opts.model}: {n_params / 1e6:.2f}M parameters, {opts.layers} layers, hidden {opts.hidden}, "
-        f"{dtype}, {world} processes ({opts.pipe} pipeline stages) on {device.type}, "
-        f"{opts.batch} x {opts.seq} tokens per rank and step, {opts.steps} steps"
+        f"{dtype}, {world} processes (pipeline {opts.pipe} x tensor parallel {opts.tp}) on {device.type}, "
+        f"{opts.batch} x {opts.seq} tokens per step and data-parallel rank, {opts.steps} steps"
         + (", optimizer offloaded to the CPU" if opts.offload else "")
     )
     bar = tqdm(total=opts.steps, disable=rank != 0, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
@@ -102,11 +111,12 @@ def _train(opts: TrainOptions) -> RunResult:
     tok_s = 0.0
     for step in range(opts.steps):
         x, y = corpus.batch(opts.batch, opts.seq, gen)  # (B, T) each
-        x, y = x.to(device), y.to(device)
+        x = x.chunk(opts.tp)[tp_rank].to(device)  # (B/tp, T): this rank's sequences
+        y = y.to(device)  # (B, T): a vocab-parallel loss needs the whole group's targets
 
         optim_manager.zero_grad()
-        logits = model(x)  # (B, T, vocab)
-        loss = loss_fn(logits.view(-1, logits.shape[-1]), y.view(-1))
+        logits = model(x)  # (B, T, vocab), or (B, T, vocab/tp) over this rank's vocabulary slice
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), y.view(-1))
         optim_manager.backward(loss)
         optim_manager.clip_grad_norm(optimizer.param_groups, max_norm=1.0)
         optim_manager.step()

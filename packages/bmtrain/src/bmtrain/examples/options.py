@@ -31,7 +31,7 @@ class TrainOptions:
     layers: int | None = None  # None: the device's default (DEFAULTS_CPU / DEFAULTS_GPU)
     hidden: int | None = None
     heads: int | None = None
-    batch: int | None = None  # sequences per data-parallel rank and step
+    batch: int | None = None  # sequences per step of each data-parallel rank (a tp group shares them)
     seq: int | None = None
     steps: int | None = None
     lr: float = 3e-3
@@ -56,11 +56,13 @@ class TrainOptions:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
         if self.tp < 1 or self.pipe < 1:
             raise ValueError(f"--tp ({self.tp}) and --pipe ({self.pipe}) must be >= 1")
-        if self.tp > 1:
+        if self.tp > 1 and self.model != "gpt":
             raise ValueError(
-                "--tp > 1: the example models are written without tensor-parallel layers "
-                "(bmt.nn.ColumnParallelLinear / RowParallelLinear); use data parallelism or --pipe"
+                f"--tp {self.tp}: the {self.model} example is written without tensor-parallel layers; "
+                "the gpt example uses bmt.nn's (use --model gpt, or --pipe)"
             )
+        if self.tp > 1 and self.batch is not None and self.batch % self.tp != 0:
+            raise ValueError(f"--batch ({self.batch}) must be divisible by --tp ({self.tp})")
         if self.lr <= 0 or self.warmup < 0:
             raise ValueError(f"--lr ({self.lr}) must be > 0 and --warmup ({self.warmup}) >= 0")
 
@@ -103,7 +105,7 @@ def parse_options(argv: Sequence[str] | None = None) -> TrainOptions:
     p.add_argument("--offload", action="store_true", help="AdamOffloadOptimizer (optimizer on the CPU)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep activations instead of recomputing them in backward")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the example models support 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (gpt only; --batch is split over it)")
     p.add_argument("--pipe", type=int, default=1, help="pipeline stages (PipelineTransformerBlockList)")
     p.add_argument("--save", default=TrainOptions.save, help="checkpoint path ({model} is replaced); '' skips saving")
     p.add_argument("--nproc", type=int, help="processes when not under torchrun (default: all GPUs, else 2 on CPU)")
