@@ -2,7 +2,7 @@
 model stays near two blocks' full parameters, and a profiler trace shows the all-gathers and
 reduce-scatters running on the load stream while compute kernels run on the compute stream.
 
-Run on a machine with 2 GPUs:  python -m pytest tests/gpu/test_ckpt_gpu.py -q -s
+Run on a machine with 2 (or 4) GPUs:  python -m pytest tests/gpu/test_ckpt_gpu.py -q -s
 Tolerances: fp32 (TF32 off) rtol=1e-4, atol=1e-5; bf16 rtol=2e-2, atol=2e-2 (bf16's epsilon is
 7.8e-3; the two runs differ only in how gradients are summed, which can flip one rounding).
 """
@@ -39,6 +39,12 @@ def _equality() -> None:
 
 
 def test_training_matches_plain_torch_fp32_and_bf16(spawn):
+    spawn(_equality)
+
+
+@pytest.mark.gpus(4)
+@pytest.mark.world_size(4)
+def test_training_matches_plain_torch_on_4_gpus(spawn):
     spawn(_equality)
 
 
