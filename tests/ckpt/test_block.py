@@ -118,6 +118,10 @@ def _no_grad_and_holds(cfg: Config) -> None:
         assert block.storage.state is BufferState.RELEASED
         assert block.runtime.shared.pending_backward == 0
         assert all(b._full.untyped_storage().nbytes() == 0 for b in block.storage.buffers)
+    frozen = Block(distribute_(plain_copy(ref).requires_grad_(False)), zero_level=2)
+    y = frozen(x)  # grad mode on, but nothing requires grad: no graph, nothing kept
+    assert not y.requires_grad and frozen.storage.state is BufferState.RELEASED
+    assert frozen.runtime.shared.pending_backward == 0
     y = b2(x)
     assert b2.storage.state is BufferState.GATHERED and b2.runtime.shared.pending_backward == 1
     y.sum().backward()
