@@ -115,10 +115,12 @@ def test_check_torch_version_reads_local_and_prerelease_versions(monkeypatch: py
         check_torch_version("two.one")
 
 
-def test_load_nccl_pypi_uses_the_pip_package_or_names_it() -> None:
+def test_load_nccl_pypi_uses_the_pip_package_or_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
     import bmtrain as bmt
+
+    monkeypatch.delenv("BMT_NCCL_LIBRARY", raising=False)  # restored after the test
 
     installed = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.nccl") is not None
     if installed:  # GPU hosts: torch's CUDA wheels bring nvidia-nccl-cu12

@@ -24,10 +24,18 @@ def _stats(t: torch.Tensor) -> dict[str, float]:
 
 
 def _gathered(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` concatenated on dim 0 (test-side reference, plain collectives)."""
+    """Every rank's ``x`` concatenated on dim 0, on the CPU (test-side reference)."""
     import bmt_comm
 
-    return torch.cat(list(bmt_comm.all_gather(x.detach().float().contiguous()).unbind(0)))
+    local = x.detach().float().contiguous().to(_device())
+    return torch.cat(list(bmt_comm.all_gather(local).unbind(0))).cpu()
+
+
+def _device() -> torch.device:
+    """Where the ranks' parameters live: cuda:rank under NCCL, else the CPU."""
+    import bmt_comm
+
+    return bmt_comm.get_context().device
 
 
 # --- get_summary: pooled over ranks -----------------------------------------------------
@@ -175,7 +183,7 @@ def _checkpointed_blocks_record_like_plain_blocks() -> None:
     plain.load_state_dict(checkpointed.state_dict())
     g = torch.Generator().manual_seed(bmt_comm.rank())
     for input_requires_grad in (True, False):  # Blocks recompute in both cases
-        x = torch.randn(4, 8, generator=g).requires_grad_(input_requires_grad)
+        x = torch.randn(4, 8, generator=g).to(_device()).requires_grad_(input_requires_grad)
         ref = _records(plain, x)
         got = _records(checkpointed, x)
         _assert_same_records(got, ref, f"Block(use_checkpoint=True), input requires grad {input_requires_grad}")
@@ -207,7 +215,7 @@ def _inspect_model_equals_gathered_statistics() -> None:
 
     model = Top()
     bmt.init_parameters(model)
-    full = {k: v.float() for k, v in model.state_dict().items()}
+    full = {k: v.float().cpu() for k, v in model.state_dict().items()}
     assert set(full) == {"w0", "blocks.0.weight", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias"}
 
     before = bmt.inspect.inspect_model(model, "*")
@@ -216,7 +224,7 @@ def _inspect_model_equals_gathered_statistics() -> None:
         assert s["grad_std"] == 0.0 and s["grad_mean"] == 0.0
 
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 + bmt_comm.rank()))
-    model(x).square().sum().backward()
+    model(x.to(_device())).square().sum().backward()
 
     # reference: the same model in plain torch over every rank's input (ZeRO sums gradients)
     ref = {k: v.clone().requires_grad_() for k, v in full.items()}
@@ -262,17 +270,18 @@ def _inspect_model_without_blocks() -> None:
 
     torch.manual_seed(3)
     model = Flat()
+    model.head.to(_device())
     bmt.init_parameters(model)
-    full = {k: v.float() for k, v in model.state_dict().items()}
+    full = {k: v.float().cpu() for k, v in model.state_dict().items()}
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 + bmt_comm.rank()))
-    model(x).square().sum().backward()
+    model(x.to(_device())).square().sum().backward()
 
-    ref = {k: v.clone().requires_grad_() for k, v in full.items()}
+    ref = {k: v.float().cpu().clone().requires_grad_() for k, v in full.items()}
     xs = _gathered(x).view(-1, 4, 3)
     for r in range(xs.shape[0]):  # ZeRO sums the sharded parameters' gradients over ranks
         y = F.linear(torch.tanh(xs[r] @ ref["w0"]) * ref["w1"], ref["head.weight"], ref["head.bias"])
         y.square().sum().backward()
-    mine = {k: v.clone().requires_grad_() for k, v in full.items()}  # plain params: this rank's gradient
+    mine = {k: v.float().cpu().clone().requires_grad_() for k, v in full.items()}  # plain params: this rank's gradient
     F.linear(torch.tanh(x @ mine["w0"]) * mine["w1"], mine["head.weight"], mine["head.bias"]).square().sum().backward()
 
     stats = bmt.inspect.inspect_model(model, "*")
