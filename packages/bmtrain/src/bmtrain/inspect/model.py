@@ -13,7 +13,6 @@ from typing import Any
 
 import bmt_comm
 import torch
-from bmt_ckpt import Block
 from bmt_comm import Communicator
 from bmt_zero import DistributedParameter
 
@@ -31,25 +30,9 @@ def _local_piece(p: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None
     return t
 
 
-def _storage_comms(model: torch.nn.Module) -> dict[int, Communicator]:
-    """Parameter id -> the group its Block's flat storage is split over (PIPE Blocks use the stage's)."""
-    comms: dict[int, Communicator] = {}
-    for module in model.modules():
-        if not isinstance(module, Block):
-            continue
-        try:
-            storage = module.storage
-        except RuntimeError:  # built with initialized=True and no storage yet: nothing is sharded
-            continue
-        for buf in storage.buffers:
-            for p in buf.params:
-                comms[id(p)] = buf.comm
-    return comms
-
-
-def _param_comm(p: DistributedParameter, in_storage: dict[int, Communicator]) -> Communicator:
-    """The group over which ``p``'s elements are spread."""
-    comm: Communicator = in_storage.get(id(p), p._zero_comm)
+def _param_comm(p: DistributedParameter) -> Communicator:
+    """The group over which ``p``'s elements are spread (a Block re-homes it to its storage's)."""
+    comm: Communicator = p._zero_comm
     return comm
 
 
@@ -88,9 +71,8 @@ def inspect_model(model: torch.nn.Module, param_name: str, prefix: str = "") -> 
             [torch.cat([local_row(_local_piece(p, p.data)).cpu(), local_row(_local_piece(p, p.grad)).cpu()])
              for _, p in picked]
         )  # (P, 2*ROW)
-        in_storage = _storage_comms(model)
         zero_comms: list[Communicator | None] = [
-            _param_comm(p, in_storage) if isinstance(p, DistributedParameter) else None for _, p in picked
+            _param_comm(p) if isinstance(p, DistributedParameter) else None for _, p in picked
         ]
         rows = _pool_by_comm(rows, zero_comms)
         tp = bmt_comm.get_context().comms.tp if bmt_comm.is_initialized() else None
