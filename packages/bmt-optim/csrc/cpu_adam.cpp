@@ -354,7 +354,9 @@ const char* simd_name(Simd s) {
 }
 
 // ---------------------------------------------------------------- thread pool
-// Workers 1..N-1 wait for a generation bump; the caller runs task 0 itself. One run at a time.
+// The caller and `threads - 1` workers claim tasks from a shared counter until none is left, so a
+// thread the OS deschedules (other processes on the host) delays only the tasks it holds.
+// One run at a time (callers serialise on g_run_mu).
 class Pool {
  public:
   explicit Pool(int workers) {
@@ -370,35 +372,42 @@ class Pool {
   }
   int workers() const { return static_cast<int>(threads_.size()); }
 
-  void run(int ntasks, const std::function<void(int)>& fn) {
+  // Runs fn(0..ntasks-1) on the caller and workers 1..threads-1.
+  void run(int threads, int64_t ntasks, const std::function<void(int64_t)>& fn) {
     {
       std::lock_guard<std::mutex> lk(mu_);
       job_ = &fn;
       ntasks_ = ntasks;
-      pending_ = ntasks - 1;
+      next_.store(0);
+      threads_in_run_ = threads;
+      pending_ = threads - 1;
       ++generation_;
     }
     cv_.notify_all();
-    fn(0);
+    drain(fn);
     std::unique_lock<std::mutex> lk(mu_);
     done_cv_.wait(lk, [this] { return pending_ == 0; });
     job_ = nullptr;
   }
 
  private:
+  void drain(const std::function<void(int64_t)>& fn) {
+    for (int64_t t = next_.fetch_add(1); t < ntasks_; t = next_.fetch_add(1)) fn(t);
+  }
+
   void loop(int index) {
     uint64_t seen = 0;
     for (;;) {
-      const std::function<void(int)>* job;
+      const std::function<void(int64_t)>* job;
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
-        if (index >= ntasks_) continue;
+        if (index >= threads_in_run_) continue;
         job = job_;
       }
-      (*job)(index);
+      drain(*job);
       {
         std::lock_guard<std::mutex> lk(mu_);
         if (--pending_ == 0) done_cv_.notify_one();
@@ -409,8 +418,10 @@ class Pool {
   std::vector<std::thread> threads_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  const std::function<void(int)>* job_ = nullptr;
-  int ntasks_ = 0;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t ntasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int threads_in_run_ = 0;
   int pending_ = 0;
   uint64_t generation_ = 0;
   bool stop_ = false;
@@ -429,26 +440,27 @@ const int kAtFork = pthread_atfork(nullptr, nullptr, after_fork_child);
 #endif
 
 constexpr int64_t kMinPerThread = 1 << 15;  // below this, thread hand-off costs more than it saves
+constexpr int64_t kTasksPerThread = 4;       // finer tasks balance the load when threads are delayed
 
 void run_job(const Job& job, int64_t n, int num_threads) {
   const KernelFn fn = kernel_for(static_cast<Simd>(g_simd.load()));
-  int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads, n / kMinPerThread));
-  if (tasks == 1) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, n / kMinPerThread));
+  if (threads == 1) {
     fn(job, 0, n);
     return;
   }
-  // Split on 16-element boundaries so only the last task has a tail.
-  const int64_t per = ((n + tasks - 1) / tasks + 15) / 16 * 16;
-  tasks = (n + per - 1) / per;
+  // Tasks of equal size on 16-element boundaries: only the last one has a tail.
+  const int64_t want = std::min<int64_t>(threads * kTasksPerThread, n / kMinPerThread);
+  const int64_t per = ((n + want - 1) / want + 15) / 16 * 16;
+  const int64_t tasks = (n + per - 1) / per;
   std::lock_guard<std::mutex> lk(g_run_mu);
-  if (!g_pool || g_pool->workers() < tasks - 1) {
+  if (!g_pool || g_pool->workers() < threads - 1) {
     delete g_pool;
-    g_pool = new Pool(static_cast<int>(tasks - 1));
+    g_pool = new Pool(static_cast<int>(threads - 1));
   }
-  g_pool->run(static_cast<int>(tasks), [&](int t) {
+  g_pool->run(static_cast<int>(threads), tasks, [&](int64_t t) {
     const int64_t b = t * per;
-    const int64_t e = std::min(n, b + per);
-    if (b < e) fn(job, b, e);
+    fn(job, b, std::min(n, b + per));
   });
 }
 
