@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 from bmt_optim import AdamOptimizer
-from bmt_optim.kernels_adam import Backend, backend_for
+from bmt_optim._adam_triton import adam_update_triton
+from bmt_optim.kernels_adam import AdamScalars, Backend, backend_for
 
 BYTES_PER_ELEMENT = 28  # grad 2 + master 4+4 + exp_avg 4+4 + exp_avg_sq 4+4 + param 2
 
@@ -66,10 +67,23 @@ def main() -> None:
     assert backend_for(p) is Backend.TRITON, "Triton is needed for the fused GPU kernel"
     opt = AdamOptimizer([p], lr=1e-4, weight_decay=0.01)
     ours_ms = time_ms(lambda: opt.step(scale=1024.0), args.iters)
-    master = opt.state[p]["_param_fp32"]
+    st = opt.state[p]
+    master = st["_param_fp32"]
     torch.testing.assert_close(p.detach(), master.to(torch.bfloat16), rtol=0, atol=0)
     grad_bf16 = p.grad
-    opt.state.clear()  # frees our moments before torch's are allocated
+
+    # the kernel alone at other launch shapes (the optimizer uses the first)
+    s = AdamScalars.make(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=2, scale=1024.0)
+    sweep = {}
+    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16)):
+        sweep[f"{block}/{warps}"] = time_ms(
+            lambda b=block, w=warps: adam_update_triton(
+                p.data, grad_bf16, master, st["exp_avg"], st["exp_avg_sq"], s, block=b, num_warps=w
+            ),
+            args.iters,
+        )
+    st.clear()  # frees our moments before torch's are allocated
+    opt.state.clear()
 
     # torch: AdamW(fused) on an fp32 master, fed an fp32 copy of the gradient, then cast back
     ref = torch.nn.Parameter(master)  # the same storage: values do not matter for timing
@@ -93,6 +107,7 @@ def main() -> None:
         "torch_adamw_fused_plus_copies_ms": torch_ms,
         "bmt_fraction_of_limit": limit_ms / ours_ms,
         "speedup_vs_torch": torch_ms / ours_ms,
+        "kernel_ms_by_block_and_warps": sweep,
     }
     print(f"\nAdam step, {n} bf16 elements, {name}; copy bandwidth {bw / 1e9:.0f} GB/s\n")
     print("| peer | ms / step | GB/s (28 B/elem) | vs limit |")
@@ -100,6 +115,9 @@ def main() -> None:
     for label, ms in (("bandwidth limit", limit_ms), ("bmt AdamOptimizer (Triton)", ours_ms),
                       ("torch AdamW fused + copies", torch_ms)):
         print(f"| {label} | {ms:.2f} | {BYTES_PER_ELEMENT * n / ms / 1e6:.0f} | {limit_ms / ms:.0%} |")
+    print("\n| kernel BLOCK/num_warps | ms | vs limit |\n|---|---:|---:|")
+    for cfg, ms in sweep.items():
+        print(f"| {cfg} | {ms:.2f} | {limit_ms / ms:.0%} |")
     verdict = "meets" if res["bmt_fraction_of_limit"] >= 0.85 else "MISSES"
     print(f"\nbmt at {res['bmt_fraction_of_limit']:.0%} of the bandwidth limit ({verdict} the 85% target); "
           f"{res['speedup_vs_torch']:.2f}x torch")

@@ -81,12 +81,18 @@ def adam_update_triton(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     s: AdamScalars,
+    *,
+    block: int = _BLOCK,
+    num_warps: int = _NUM_WARPS,
 ) -> None:
-    """One fused launch over the contiguous ``param`` (see ``kernels_adam`` for the maths)."""
+    """One fused launch over the contiguous ``param`` (see ``kernels_adam`` for the maths).
+
+    ``block``/``num_warps`` are for tuning (benchmarks/optim/bench_adam.py sweeps them).
+    """
     n = param.numel()
     if n == 0:
         return
-    grid = (triton.cdiv(n, _BLOCK),)
+    grid = (triton.cdiv(n, block),)
     with torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext():
         _adam_kernel[grid](
             param,
@@ -105,7 +111,7 @@ def adam_update_triton(
             s.grad_mul,
             HAS_MASTER=master is not None,
             OUT_BF16=param.dtype == torch.bfloat16,
-            BLOCK=_BLOCK,
-            num_warps=_NUM_WARPS,
+            BLOCK=block,
+            num_warps=num_warps,
         )
 
