@@ -32,7 +32,17 @@ def _context() -> Any:
         _CTX = mp.get_context("forkserver")
         # imported once in the server, not in every rank (DTensor alone costs seconds per rank)
         _CTX.set_forkserver_preload(
-            ["torch", "torch.distributed", "torch.distributed.tensor", "torch.testing", "bmt_comm", "bmt_zero", "bmt_ckpt", "bmt_optim"]
+            [
+                "torch",
+                "torch.distributed",
+                "torch.distributed.tensor",
+                "torch.testing",
+                "torch._dynamo",  # any torch optimizer imports it: seconds per rank otherwise
+                "bmt_comm",
+                "bmt_zero",
+                "bmt_ckpt",
+                "bmt_optim",
+            ]
         )
     return _CTX
 
