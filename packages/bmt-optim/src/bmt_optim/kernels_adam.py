@@ -17,14 +17,13 @@ needs no rescaling of the state.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
+
+from ._triton_support import Backend, triton_available, triton_interpreting
+from ._triton_support import backend_for as _tensor_backend
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -86,36 +85,9 @@ class AdamScalars:
         )
 
 
-class Backend(str, Enum):
-    TRITON = "triton"  # the fused kernel (compiled on CUDA, interpreted on CPU)
-    TORCH = "torch"  # vectorised torch ops
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Triton imports (a broken install counts as absent: the torch path still works)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "use torch"
-        return False
-    return True
-
-
-def triton_interpreting() -> bool:
-    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors (how CPU tests check them)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def backend_for(t: torch.Tensor) -> Backend:
-    """Triton for CUDA tensors (and CPU ones under the interpreter) when it imports; else torch."""
-    if not triton_available() or not t.is_contiguous():
-        return Backend.TORCH
-    if t.is_cuda or (t.device.type == "cpu" and triton_interpreting()):
-        return Backend.TRITON
-    return Backend.TORCH
+    """Triton for contiguous CUDA tensors (and CPU ones under the interpreter); else torch."""
+    return _tensor_backend(t) if t.is_contiguous() else Backend.TORCH
 
 
 def adam_update_torch(
