@@ -102,7 +102,10 @@ def _overlap() -> dict[str, float]:
     cfg = Config(dim=1024, heads=16, hidden=4096, layers=8, seq=1024)
     model = _big_model(cfg)
     device = bmt_comm.get_context().device
-    x = torch.randn(16, cfg.seq, cfg.dim, device=device, dtype=torch.bfloat16)  # GPU-bound: the CPU runs ahead
+    # GPU-bound, so the CPU queues the next gather while this block's kernels still run: with 16
+    # sequences the backward's Python work (recompute, hooks) took about as long as its kernels and
+    # some prefetched gathers ran in the gaps between blocks instead of beside compute
+    x = torch.randn(64, cfg.seq, cfg.dim, device=device, dtype=torch.bfloat16)
     for _ in range(2):
         model(x).float().square().mean().backward()
     torch.cuda.synchronize()
