@@ -286,16 +286,186 @@ def _checkpoints_and_errors(path: str) -> None:
     assert list(on_disk) == list(full), list(on_disk)
     for k, v in full.items():
         torch.testing.assert_close(on_disk[k], v, msg=lambda m, k=k: f"{k}: {m}")
-    with pytest.raises(NotImplementedError, match=r"call model.load_state_dict\(state\)"):
-        load(model, path)
 
-    # inference under no_grad gives what the training forward gives
+    # bmt.load: rank 0 reads the file, each stage's ranks receive their own layers' pieces
+    fresh = PipelineTransformerBlockList([_make_layer(False) for _ in range(LAYERS)])
+    result = load(fresh, path)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    _same_state(fresh.state_dict(), state)
+
+    # inference under no_grad gives what the training forward gives, and so does the loaded copy
     x, scale, _ = _batch(0, ctx.world_size)[ctx.rank]
     with torch.no_grad():
         plain = model(x, scale, 0.7)
     torch.testing.assert_close(model(x, scale, 0.7).detach(), plain)
+    assert torch.equal(fresh(x, scale, 0.7).detach(), plain)
 
 
 @pytest.mark.world_size(2)
 def test_pipeline_checkpoints_and_errors(spawn, tmp_path) -> None:
     spawn(_checkpoints_and_errors, str(tmp_path / "pipe.pt"), pipe_size=2, num_micro_batches=2)
+
+
+# --- bmt.load into a pipeline, from a pipeline's checkpoint or a TransformerBlockList's -------------
+class _PlainLayer(torch.nn.Module):
+    """A layer's parameters under the same names in plain torch: torch's own load report."""
+
+    def __init__(self, tp: bool) -> None:
+        super().__init__()
+        if tp:
+            self.up = torch.nn.Linear(DIM, 2 * DIM)
+            self.down = torch.nn.Linear(2 * DIM, DIM)
+        else:
+            self.w1 = torch.nn.Parameter(torch.empty(2 * DIM, DIM))
+            self.b1 = torch.nn.Parameter(torch.empty(2 * DIM))
+            self.w2 = torch.nn.Parameter(torch.empty(DIM, 2 * DIM))
+            self.b2 = torch.nn.Parameter(torch.empty(DIM))
+
+
+def _saved_weights(tp: bool, which: int) -> dict[str, torch.Tensor]:
+    """Weights unlike a fresh model's, ``which`` telling apart the two checkpoints of a test."""
+    return {k: v * (1.5 + which) - 0.25 * which for k, v in _full_weights(tp).items()}
+
+
+def _same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want), (list(got), list(want))
+    for k, v in want.items():
+        assert torch.equal(got[k].cpu(), v.cpu()), k
+
+
+def _reference_output(weights: dict[str, torch.Tensor], x: torch.Tensor, scale: torch.Tensor, tp: bool) -> torch.Tensor:
+    h = x
+    for i in range(LAYERS):
+        h = _layer_fn({k: weights[f"{i}.{n}"] for k, n in NAMES[tp].items()}, h, scale, 0.7)
+    return h
+
+
+def _tolerances() -> tuple[float, float]:
+    if bmt_comm.get_context().device.type == "cpu":
+        return ATOL, RTOL
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference comparisons
+    return 10 * ATOL, 10 * RTOL  # GPU: other summation orders
+
+
+def _block_list_checkpoints(directory: str, save: bool) -> None:
+    """World 2, no pipeline: a TransformerBlockList of both kinds of layer (tp ones at tp_size 1)
+    writes ``blocks-<tp>.pt`` (``save``) or loads the pipelines' ``pipe-<tp>.pt``."""
+    from bmt_ckpt import TransformerBlockList
+    from bmt_zero import load
+    from bmt_zero import save as bmt_save
+
+    ctx = bmt_comm.get_context()
+    atol, rtol = _tolerances()
+    for tp in (False, True):
+        model = TransformerBlockList([_make_layer(tp) for _ in range(LAYERS)])
+        if save:
+            model.load_state_dict(_saved_weights(tp, 0))
+            bmt_save(model, f"{directory}/blocks-{int(tp)}.pt")
+            continue
+        want = _saved_weights(tp, 1)
+        result = load(model, f"{directory}/pipe-{int(tp)}.pt")
+        assert (result.missing_keys, result.unexpected_keys) == ([], [])
+        _same_state(model.state_dict(), want)
+        x, scale, _ = _batch(0, ctx.world_size)[ctx.rank]
+        out = model(x.to(ctx.device), scale.to(ctx.device), 0.7).detach()
+        _close(out, _reference_output(want, x, scale, tp), atol, rtol, "output", False)
+
+
+def _pipeline_bmt_load(directory: str) -> str:
+    """World 4, pipe 2 (x tp 2): ``bmt_zero.load`` of a block list's checkpoint and of the
+    pipeline's own; missing/unexpected keys of both stages reported alike on every rank."""
+    from bmt_ckpt.pipeline import PipelineTransformerBlockList
+    from bmt_zero import load, save
+
+    ctx = bmt_comm.get_context()
+    tp = ctx.comms.tp.size > 1
+    names = NAMES[tp]
+    atol, rtol = _tolerances()
+    x_cpu, scale_cpu, _ = _batch(0, ctx.world_size)[ctx.rank]
+    x, scale = x_cpu.to(ctx.device), scale_cpu.to(ctx.device)
+
+    def build() -> PipelineTransformerBlockList:
+        return PipelineTransformerBlockList([_make_layer(tp) for _ in range(LAYERS)])
+
+    # the same layers saved from a TransformerBlockList at world 2
+    model = build()
+    blocks = _saved_weights(tp, 0)
+    result = load(model, f"{directory}/blocks-{int(tp)}.pt")
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    _same_state(model.state_dict(), blocks)
+    out = model(x, scale, 0.7).detach()
+    _close(out, _reference_output(blocks, x_cpu, scale_cpu, tp), atol, rtol, "output", False)
+
+    # the pipeline's own checkpoint into a freshly built pipeline: same state, same outputs
+    model.load_state_dict(_saved_weights(tp, 1))
+    path = f"{directory}/pipe-{int(tp)}.pt"
+    save(model, path)
+    fresh = build()
+    load(fresh, path)
+    _same_state(fresh.state_dict(), _saved_weights(tp, 1))
+    assert torch.equal(fresh(x, scale, 0.7).detach(), model(x, scale, 0.7).detach())
+
+    # keys missing from / unexpected in both stages' layers: torch's report, on every rank
+    odd = {k: v for k, v in blocks.items() if k not in (f"0.{names['w1']}", f"4.{names['b2']}")}
+    odd.update({"3.extra": torch.ones(1), "9.w1": torch.ones(1), "1.extra": torch.ones(1)})
+    odd_path = f"{directory}/odd-{int(tp)}.pt"
+    if ctx.rank == 0:
+        torch.save(odd, odd_path)
+    bmt_comm.synchronize()
+    torch_says = torch.nn.ModuleList([_PlainLayer(tp) for _ in range(LAYERS)]).load_state_dict(odd, strict=False)
+    assert torch_says.missing_keys == [f"0.{names['w1']}", f"4.{names['b2']}"]
+    assert torch_says.unexpected_keys == ["9.w1", "1.extra", "3.extra"]
+    partial = build()
+    got = load(partial, odd_path, strict=False)
+    assert (got.missing_keys, got.unexpected_keys) == (torch_says.missing_keys, torch_says.unexpected_keys)
+    loaded = partial.state_dict()
+    for k, v in odd.items():
+        if k in loaded:
+            assert torch.equal(loaded[k].cpu(), v), k
+    # the same under a prefix, next to other modules' keys (a pipeline inside a model)
+    nested = {"junk": torch.ones(1), **{f"enc.{k}": v for k, v in odd.items()}}
+    nested_path = f"{directory}/nested-{int(tp)}.pt"
+    if ctx.rank == 0:
+        torch.save(nested, nested_path)
+    bmt_comm.synchronize()
+    outer, twin = torch.nn.Module(), torch.nn.Module()
+    outer.add_module("enc", build())
+    twin.add_module("enc", torch.nn.ModuleList([_PlainLayer(tp) for _ in range(LAYERS)]))
+    torch_says = twin.load_state_dict(nested, strict=False)
+    got = load(outer, nested_path, strict=False)
+    assert (got.missing_keys, got.unexpected_keys) == (torch_says.missing_keys, torch_says.unexpected_keys)
+    assert got.unexpected_keys == ["junk", "enc.9.w1", "enc.1.extra", "enc.3.extra"], got.unexpected_keys
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict") as raised:
+        load(build(), odd_path)
+    return str(raised.value)
+
+
+def _bmt_load_round_trips(directory: str, gpu: bool) -> None:
+    from ..harness import run_distributed
+
+    env = None if gpu else {"CUDA_VISIBLE_DEVICES": ""}  # harness: NCCL on cuda:rank where GPUs are seen
+    run_distributed(_block_list_checkpoints, 2, directory, True, env=env)
+    for tp in (False, True):
+        messages = run_distributed(
+            _pipeline_bmt_load, 4, directory, env=env,
+            init_kwargs={"pipe_size": 2, "tp_size": 2 if tp else 1, "num_micro_batches": 2},
+        )
+        names = NAMES[tp]
+        assert len(set(messages)) == 1, messages  # every rank raised the same error
+        assert (
+            f'Missing key(s) in state_dict: "0.{names["w1"]}", "4.{names["b2"]}". ' in messages[0]
+            and 'Unexpected key(s) in state_dict: "9.w1", "1.extra", "3.extra". ' in messages[0]
+        ), messages[0]
+    run_distributed(_block_list_checkpoints, 2, directory, False, env=env)
+
+
+def test_pipeline_bmt_load(tmp_path) -> None:
+    """bmt_zero.load into pipelines (world 4: pipe 2, and pipe 2 x tp 2) from their own checkpoints
+    and from TransformerBlockList's (world 2), and the other way round; strict errors everywhere."""
+    _bmt_load_round_trips(str(tmp_path), gpu=False)
+
+
+@pytest.mark.gpus(4)
+def test_pipeline_bmt_load_gpu(tmp_path) -> None:
+    """The same on GPUs over NCCL (the file is still read on rank 0's CPU)."""
+    _bmt_load_round_trips(str(tmp_path), gpu=True)

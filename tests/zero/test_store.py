@@ -165,3 +165,115 @@ def test_exit_waits_for_non_blocking_save(tmp_path):
     env = dict(os.environ, WORLD_SIZE="1", RANK="0")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
     assert list(torch.load(path)) == ["weight", "bias"]
+
+
+# --- a module whose children live on some ranks only (the protocol a pipeline uses) ---------------
+class _Leaf(torch.nn.Module):
+    """Plain torch: a parameter, a buffer and extra state, read through the lazy state dict."""
+
+    def __init__(self, bonus: bool = False) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        if bonus:
+            self.register_buffer("bonus", torch.zeros(2))
+        self.note = ""
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"note": self.note}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        self.note = state["note"]
+
+
+class _Spread(torch.nn.Module):
+    """Children by name, each held by some ranks only; ``_bmt_children_everywhere`` lists them all."""
+
+    def __init__(self, rank: int, holders: dict[str, tuple[int, ...]], bonus_on: int = -1) -> None:
+        super().__init__()
+        self.top = torch.nn.Parameter(torch.zeros(4))  # the root's own: every rank loads it
+        self.register_buffer("steps", torch.zeros(2, dtype=torch.int64))
+        self._names = list(holders)
+        for name, ranks in holders.items():
+            if rank in ranks:
+                self.add_module(name, _Leaf(bonus=rank == bonus_on))
+
+    def _bmt_children_everywhere(self) -> list[str]:
+        return self._names
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """torch's, except that keys of the children held elsewhere are theirs (not unexpected here)."""
+        start = len(unexpected)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        unexpected[start:] = [k for k in unexpected[start:] if k[len(prefix) :].split(".")[0] not in self._names]
+
+
+_HOLDERS = {"a": (1,), "b": (0, 2), "c": (0, 1, 2), "d": (2,)}  # rank 0 (the file's) follows a and d
+
+
+def _spread_state() -> dict[str, object]:
+    torch.manual_seed(7)
+    twin = _Spread(-1, {})
+    for name in _HOLDERS:
+        twin.add_module(name, _Leaf())
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.uniform_(-1, 1)
+        twin.steps.copy_(torch.tensor([3, 4]))
+        for i, name in enumerate(_HOLDERS):
+            leaf = twin.get_submodule(name)
+            leaf.count.fill_(10 + i)
+            leaf.note = f"layer {name}"
+    return dict(twin.state_dict())
+
+
+def _check_spread_load(tmp: str) -> None:
+    import bmt_comm
+    import bmt_zero
+
+    rank = bmt_comm.rank()
+    want = _spread_state()
+    path, odd_path = os.path.join(tmp, "spread.pt"), os.path.join(tmp, "odd.pt")
+    odd = {k: v for k, v in want.items() if k not in ("d.lin.bias", "b.count")}
+    odd.update({"a.ghost": torch.ones(1), "e.lin.weight": torch.ones(1), "b.bonus": torch.ones(2)})
+    if rank == 0:
+        torch.save(want, path)
+        torch.save(odd, odd_path)
+    bmt_comm.synchronize()
+
+    # each rank's children get their values; the others' never reach it
+    model = _Spread(rank, _HOLDERS)
+    result = bmt_zero.load(model, path)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    got = model.state_dict()
+    assert list(got) == [k for k in want if "." not in k or k.split(".")[0] in model._modules]
+    for k, v in got.items():
+        assert torch.equal(v, want[k]) if isinstance(v, torch.Tensor) else v == want[k], k
+
+    # each held child reports what torch reports for it
+    twin = _Spread(-1, {})
+    for name in _HOLDERS:
+        twin.add_module(name, _Leaf())
+    torch_says = torch.nn.Module.load_state_dict(twin, odd, strict=False)
+    partial = bmt_zero.load(_Spread(rank, _HOLDERS), odd_path, strict=False)
+
+    def here(keys: list[str]) -> list[str]:
+        return [k for k in keys if k.split(".")[0] in model._modules or k.split(".")[0] not in _HOLDERS]
+
+    assert partial.missing_keys == here(torch_says.missing_keys), partial.missing_keys
+    assert partial.unexpected_keys == here(torch_says.unexpected_keys), partial.unexpected_keys
+
+    # holders that ask for different entries, or a child nobody holds: an error on every rank, no hang
+    with pytest.raises(RuntimeError, match=r"same checkpoint entries in the same order, but they asked for "
+                                           r"rank 0: OBJECT 'b._extra_state', .*rank 2: FULL 'b.bonus'"):
+        bmt_zero.load(_Spread(rank, _HOLDERS, bonus_on=2), odd_path, strict=False)
+    with pytest.raises(RuntimeError, match=r"a part of the model that no rank holds"):
+        bmt_zero.load(_Spread(rank, {"a": (0, 1, 2), "e": ()}), path, strict=False)
+    result = bmt_zero.load(model, path)  # the world is still in step
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+
+
+@pytest.mark.world_size(3)
+def test_load_children_spread_over_ranks(spawn, tmp_path):
+    """``_bmt_children_everywhere``: bmt_zero.load walks children held by some ranks only."""
+    spawn(_check_spread_load, str(tmp_path))

@@ -16,16 +16,32 @@ from bmt_zero.gather import gather_to, state_dst
 
 from ._pipe_ops import PipeLink
 
-__all__ = ["state_keys", "collect_layer_states", "exchange_over_pipe", "new_state_dict", "order_layer_keys"]
+__all__ = [
+    "layer_keys",
+    "layer_index",
+    "order_reported",
+    "collect_layer_states",
+    "exchange_over_pipe",
+    "new_state_dict",
+    "order_layer_keys",
+]
+
+_EXTRA_STATE = "_extra_state"
 
 
-def state_keys(module: torch.nn.Module) -> list[str]:
-    """The keys a module's state dict has, known without gathering anything."""
-    keys = [name for name, _ in module.named_parameters()]
-    for prefix, sub in module.named_modules():
-        for name, buf in sub.named_buffers(recurse=False):
-            if buf is not None and name not in sub._non_persistent_buffers_set:
-                keys.append(f"{prefix}.{name}" if prefix else name)
+def layer_keys(inner: torch.nn.Module) -> list[str]:
+    """The keys a Block around ``inner`` loads, in the order it reports missing ones
+    (``state.load_block_state``): per module, parameters, persistent buffers, extra state."""
+    keys: list[str] = []
+    for name, module in inner.named_modules(remove_duplicate=False):
+        prefix = name + "." if name else ""
+        keys.extend(prefix + k for k, v in module._parameters.items() if v is not None)
+        keys.extend(
+            prefix + k for k, v in module._buffers.items()
+            if v is not None and k not in module._non_persistent_buffers_set
+        )
+        if type(module).set_extra_state is not torch.nn.Module.set_extra_state:
+            keys.append(prefix + _EXTRA_STATE)
     return keys
 
 
@@ -45,6 +61,24 @@ def order_layer_keys(module: torch.nn.Module, destination: dict[str, Any], prefi
     mine = sorted((k for k in destination if _layer_of(k, prefix) >= 0), key=lambda k: _layer_of(k, prefix))
     moved = [(k, destination.pop(k)) for k in mine]
     destination.update(moved)
+
+
+def layer_index(key: str, prefix: str, num_layers: int) -> int:
+    """``i`` when ``key`` is ``"<prefix><i>.<name>"`` for a layer ``0 <= i < num_layers``, else -1."""
+    if not key.startswith(prefix):
+        return -1
+    head, dot, rest = key[len(prefix) :].partition(".")
+    if not dot or not rest or not head.isdigit() or str(int(head)) != head or int(head) >= num_layers:
+        return -1
+    return int(head)
+
+
+def order_reported(keys: list[str], start: int, prefix: str, num_layers: int) -> None:
+    """In place: ``keys[start:]`` (a pipeline's missing or unexpected keys) in layer order, keys
+    that name no layer first, as torch reports them for a plain list of the layers. Each rank
+    reports its own layers (from their Blocks) and the others' (from the pipeline) in another
+    order; after this every rank's report is the same."""
+    keys[start:] = sorted(keys[start:], key=lambda k: layer_index(k, prefix, num_layers))  # stable
 
 
 def collect_layer_states(

@@ -10,15 +10,23 @@ rank passes its rows and gets back the output for them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import bmt_comm
 import torch
-from bmt_zero.module import ShardSource
 from bmt_zero.parameter import DistributedParameter
+from torch.nn.modules.module import _IncompatibleKeys
 
 from ._pipe_ops import BatchArg, HiddenStatesToOwners, PipeIn, PipeLink, PipeOut, StageRecv, StageSend
-from ._pipe_state import collect_layer_states, new_state_dict, order_layer_keys, state_keys
+from ._pipe_state import (
+    collect_layer_states,
+    layer_index,
+    layer_keys,
+    new_state_dict,
+    order_layer_keys,
+    order_reported,
+)
 from .block import Block, BlockMode
 from .pipe_schedule import MicroBatches, StagePartition
 
@@ -66,9 +74,8 @@ class PipelineTransformerBlockList(torch.nn.Module):
         self.pipe_idx = topo.pipe_idx
         self.partition = StagePartition(len(layers), self.stages)
         self.layer_ids = list(self.partition.range_of(self.stage_id))
-        self._other_keys: dict[int, list[str]] = {}  # other stages' layers: their state-dict keys
+        self._other_keys: dict[int, list[str]] = {}  # other stages' layers: the keys their Blocks load
         for idx, module in enumerate(layers):
-            keys = state_keys(module)
             # every rank builds every Block: moving a layer's parameters into a stage's storage
             # gathers them over the group they live in now (the world); other stages' Blocks
             # are dropped right away, so only this stage's layers stay in memory
@@ -76,8 +83,10 @@ class PipelineTransformerBlockList(torch.nn.Module):
             if idx in self.layer_ids:
                 self.add_module(str(idx), block)
             else:
-                self._other_keys[idx] = keys
+                self._other_keys[idx] = layer_keys(block._module)
+        self._load_marks: _LoadMarks | None = None  # set while a load walks this module
         self.register_state_dict_post_hook(order_layer_keys)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_post_hook(_order_load_report)  # type: ignore[no-untyped-call]
         prev: Block | None = None
         for idx in self.layer_ids:
             block = self._block(idx)
@@ -236,23 +245,43 @@ class PipelineTransformerBlockList(torch.nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Own layers load through their Blocks (children); other stages' keys are theirs to load."""
-        if isinstance(state_dict, ShardSource):
-            # Its reads are collectives over the world in key order, but each stage's ranks
-            # hold (and would read) only their own layers' keys: every rank stops here instead.
-            raise NotImplementedError(
-                "loading a PipelineTransformerBlockList from a lazily broadcast checkpoint (bmt.load) "
-                "is not supported; load the file on every rank and call model.load_state_dict(state)"
-            )
+        """Own layers load through their Blocks (children); other stages' keys are theirs to load,
+        and this rank reports them missing or unexpected as their Blocks do there (in layer order:
+        ``_order_load_report``), so every rank reports the whole model's keys."""
+        self._load_marks = _LoadMarks(prefix, len(missing_keys), len(unexpected_keys))
         if not strict:
             return
         for key in state_dict:
             if not key.startswith(prefix):
                 continue
-            head, _, rest = key[len(prefix) :].partition(".")
-            if not head.isdigit() or int(head) >= len(self) or not rest:
+            idx = layer_index(key, prefix, len(self))
+            if idx < 0:
                 unexpected_keys.append(key)
-            elif int(head) in self._other_keys and rest not in self._other_keys[int(head)]:
+            elif idx in self._other_keys and key[len(f"{prefix}{idx}.") :] not in self._other_keys[idx]:
                 unexpected_keys.append(key)
         for idx, keys in self._other_keys.items():
             missing_keys.extend(f"{prefix}{idx}.{k}" for k in keys if f"{prefix}{idx}.{k}" not in state_dict)
+
+    def _bmt_children_everywhere(self) -> list[str]:
+        """Every layer's child name, same list on every rank (``bmt_zero.store.children_everywhere``):
+        ``bmt.load`` loads layer after layer, the other stages following while a stage loads its own."""
+        return [str(idx) for idx in range(len(self))]
+
+
+@dataclass(frozen=True)
+class _LoadMarks:
+    """Where a load walk reached this pipeline: its prefix and the report lists' lengths then."""
+
+    prefix: str
+    missing: int
+    unexpected: int
+
+
+def _order_load_report(module: torch.nn.Module, incompatible: _IncompatibleKeys) -> None:
+    """Load post-hook: the keys reported under the pipeline in layer order, the same on every rank."""
+    assert isinstance(module, PipelineTransformerBlockList)
+    marks, module._load_marks = module._load_marks, None
+    if marks is None:
+        return
+    order_reported(incompatible.missing_keys, marks.missing, marks.prefix, len(module))
+    order_reported(incompatible.unexpected_keys, marks.unexpected, marks.prefix, len(module))

@@ -20,7 +20,7 @@ from . import background
 from .atomic import atomic_write, describe
 from .view import DistributedStateDictWrapper
 
-__all__ = ["save", "load", "load_state_into", "_save_to_rank0", "_save_to_local_rank0"]
+__all__ = ["save", "load", "load_state_into", "children_everywhere", "_save_to_rank0", "_save_to_local_rank0"]
 
 StateDict = dict[str, Any]
 PathLike = str | os.PathLike[str]
@@ -170,9 +170,10 @@ def _read(path: str) -> Any:
 def load(model: torch.nn.Module, file: PathLike, strict: bool = True) -> _IncompatibleKeys:
     """Collective: load a full state dict that only rank 0 needs to be able to read.
 
-    Rank 0 reads ``file``; DistributedParameters receive only their piece, ordinary tensors are
-    broadcast, one tensor at a time. Missing/unexpected keys and shape errors are reported as
-    ``torch.nn.Module.load_state_dict`` reports them.
+    Rank 0 reads ``file``; DistributedParameters receive only their piece, ordinary tensors go
+    whole to the ranks that hold them, one tensor at a time. A pipeline's layers reach only their
+    stage's ranks (``children_everywhere``). Missing/unexpected keys and shape errors are
+    reported as ``torch.nn.Module.load_state_dict`` reports them.
     """
     world = bmt_comm.get_context().comms.world
     _join_background(world)
@@ -196,9 +197,36 @@ def _restrict(state: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def children_everywhere(module: torch.nn.Module) -> list[str] | None:
+    """The names of ``module``'s children on all ranks, if some live on some ranks only.
+
+    Duck-typed protocol (a lower package never imports a higher one): a module whose children are
+    spread over ranks (bmt-ckpt's PipelineTransformerBlockList: each stage holds its own layers)
+    defines ``_bmt_children_everywhere()``, the same list in the same (load) order on every rank;
+    the children held on this rank are those in ``module._modules``. Its ``_load_from_state_dict``
+    decides what to report about the keys of the children held elsewhere (they are not
+    unexpected: the pipeline reports them as their holders do, so every rank reports alike).
+    """
+    method = getattr(module, "_bmt_children_everywhere", None)
+    if method is None:
+        return None
+    names = [str(n) for n in method()]
+    held = [n for n, c in module._modules.items() if c is not None]
+    if len(set(names)) != len(names) or not set(held) <= set(names):
+        raise ValueError(
+            f"{type(module).__name__}._bmt_children_everywhere() must list every child once, "
+            f"got {names} with children {held} held here"
+        )
+    return names
+
+
 def load_state_into(model: torch.nn.Module, state: Mapping[str, Any], strict: bool = True) -> _IncompatibleKeys:
     """``model.load_state_dict(state, strict)`` without copying ``state`` first, so a lazy
-    ``DistributedStateDictWrapper`` stays lazy; same walk, hooks, errors and result as torch's."""
+    ``DistributedStateDictWrapper`` stays lazy; same walk, hooks, errors and result as torch's.
+
+    With a lazy state, the children of a module spread over ranks (``children_everywhere``) are
+    loaded one after another on every rank: their holders load them while the others follow.
+    """
     missing: list[str] = []
     unexpected: list[str] = []
     errors: list[str] = []
@@ -207,10 +235,23 @@ def load_state_into(model: torch.nn.Module, state: Mapping[str, Any], strict: bo
     def walk(module: torch.nn.Module, local: Mapping[str, Any], prefix: str) -> None:
         local_metadata = {} if metadata is None else metadata.get(prefix[:-1], {})
         module._load_from_state_dict(local, prefix, local_metadata, True, missing, unexpected, errors)
-        for name, child in module._modules.items():
-            if child is not None:
+        spread = children_everywhere(module) if isinstance(local, DistributedStateDictWrapper) else None
+        if spread is None:
+            for name, child in module._modules.items():
+                if child is not None:
+                    child_prefix = prefix + name + "."
+                    walk(child, _restrict(local, child_prefix), child_prefix)
+        else:
+            assert isinstance(local, DistributedStateDictWrapper)
+            for name in spread:
                 child_prefix = prefix + name + "."
-                walk(child, _restrict(local, child_prefix), child_prefix)
+                sub = local.restrict(child_prefix)
+                held = module._modules.get(name)
+                if held is None:
+                    sub.follow()  # another rank's child: serve (rank 0) or wait while it loads
+                else:
+                    walk(held, sub, child_prefix)
+                    sub.done()
         incompatible = _IncompatibleKeys(missing, unexpected)
         hooks: list[Callable[..., Any]] = list(module._load_state_dict_post_hooks.values())
         for hook in hooks:
