@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 from bmt_optim import AdamOffloadOptimizer
-from bmt_optim.adam_offload import DEFAULT_CHUNK_NUMEL
-from bmt_optim.cpu_adam import cpu_adam_update, default_num_threads, native_available
+from bmt_optim.adam_offload import DEFAULT_CHUNK_NUMEL, default_offload_threads
+from bmt_optim.cpu_adam import cpu_adam_update, native_available
 from bmt_optim.kernels_adam import AdamScalars
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--numel", type=int, default=1_000_000_000)
     ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_NUMEL)
-    ap.add_argument("--threads", type=int, default=default_num_threads())
+    ap.add_argument("--threads", type=int, default=default_offload_threads())
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", type=str, default=None, help="write the results as JSON here")
     args = ap.parse_args()

@@ -66,10 +66,12 @@ class OffloadPipeline:
         self._d2h: dict[torch.device, torch.cuda.Stream] = {}
         self._h2d: dict[torch.device, torch.cuda.Stream] = {}
 
-    def _slots_for(self, device: torch.device) -> list[_Slot]:
-        if device not in self._slots:
+    def _slots_for(self, device: torch.device, numel: int) -> list[_Slot]:
+        """The ring for ``device``, each buffer big enough for ``numel`` fp32 elements."""
+        have = self._slots.get(device)
+        if have is None or have[0].grad.numel() < numel * 4:
             pin = torch.cuda.is_available()  # page-locked memory is what makes copies asynchronous
-            nbytes = self.chunk_numel * 4
+            nbytes = numel * 4
             self._slots[device] = [
                 _Slot(
                     grad=torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin),
@@ -79,7 +81,7 @@ class OffloadPipeline:
                 )
                 for _ in range(self.num_slots)
             ]
-            if device.type == "cuda":
+            if device.type == "cuda" and device not in self._d2h:
                 self._d2h[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
                 self._h2d[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         return self._slots[device]
@@ -95,7 +97,8 @@ class OffloadPipeline:
                 self._run_device(device, chunks, update)
 
     def _run_device(self, device: torch.device, chunks: list[_Chunk], update: UpdateFn) -> None:
-        slots = self._slots_for(device)
+        # staging sized by the largest chunk actually used: a small model pins little memory
+        slots = self._slots_for(device, max(c.end - c.start for c in chunks))
         cuda = device.type == "cuda"
         d2h, h2d = (self._d2h[device], self._h2d[device]) if cuda else (None, None)
         current = torch.cuda.current_stream(device) if cuda else None
