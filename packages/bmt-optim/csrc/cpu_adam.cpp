@@ -439,7 +439,7 @@ void after_fork_child() {
 const int kAtFork = pthread_atfork(nullptr, nullptr, after_fork_child);
 #endif
 
-constexpr int64_t kMinPerThread = 1 << 15;  // below this, thread hand-off costs more than it saves
+constexpr int64_t kMinPerThread = 1 << 16;  // below this, thread hand-off costs more than it saves (2-core VM: 32K-element tasks ran at half the one-thread rate)
 constexpr int64_t kTasksPerThread = 4;       // finer tasks balance the load when threads are delayed
 
 void run_job(const Job& job, int64_t n, int num_threads) {
