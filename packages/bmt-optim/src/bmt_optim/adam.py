@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._adam_base import AdamBase, ParamsT
+from ._adam_base import AdamBase
 from .kernels_adam import adam_update
 
 __all__ = ["AdamOptimizer"]
@@ -31,19 +31,6 @@ class AdamOptimizer(AdamBase):
     State per parameter (on its device): ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (fp32,
     the parameter's shape) and, for fp16/bf16 parameters, ``_param_fp32`` (the fp32 master).
     """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        hold_steps: int = 0,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, hold_steps, maximize=maximize)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, scale: float = 1) -> Any:  # type: ignore[override]
