@@ -14,7 +14,7 @@ import torch
 SMALL = ["--steps", "40", "--layers", "1", "--hidden", "64", "--heads", "2", "--batch", "8", "--seq", "32"]
 
 
-def _train(args: list[str], cwd: Path, gpus: bool = False) -> tuple[float, float, str]:
+def _train(args: list[str], cwd: Path, gpus: bool = False, nproc: int = 2) -> tuple[float, float, str]:
     env = dict(os.environ)
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path: 2 processes on gloo
@@ -26,7 +26,7 @@ def _train(args: list[str], cwd: Path, gpus: bool = False) -> tuple[float, float
     first = re.search(r"^first loss: ([0-9.]+)$", proc.stdout, re.M)
     final = re.search(r"^final loss: ([0-9.]+)$", proc.stdout, re.M)
     assert first and final, proc.stdout
-    assert "2 processes" in proc.stdout, proc.stdout
+    assert f"{nproc} processes" in proc.stdout, proc.stdout
     assert "tok/s" in proc.stderr  # the progress bar
     if gpus:
         assert "MFU" in proc.stderr and "GiB" in proc.stderr, proc.stderr[-2000:]
@@ -51,6 +51,16 @@ def test_gpt_trains_tensor_parallel_with_the_offloaded_optimizer(tmp_path: Path)
     assert final < first - 0.5, out
     assert "tensor parallel 2" in out and "offloaded" in out
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_gpt_trains_with_tensor_and_pipeline_parallelism_on_four_processes(tmp_path: Path) -> None:
+    """tp 2 x pipe 2 on 4 gloo ranks: ZeRO within each (stage, tp rank) group, vocab-parallel loss."""
+    args = ["--nproc", "4", "--tp", "2", "--pipe", "2", *SMALL, "--layers", "2", "--save", "tp_pp.pt"]
+    first, final, out = _train(args, tmp_path, nproc=4)
+    assert final < first - 0.5, out
+    assert "pipeline 2 x tensor parallel 2" in out, out
+    state = torch.load(tmp_path / "tp_pp.pt", map_location="cpu", weights_only=True)
+    assert {"layers.0.attn.q.weight", "layers.1.mlp.fc.weight"} <= set(state), sorted(state)
 
 
 def test_llama_trains_pipelined(tmp_path: Path) -> None:
