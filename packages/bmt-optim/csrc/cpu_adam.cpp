@@ -22,6 +22,7 @@
 #include <cmath>
 #include <new>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -366,6 +367,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
+      stop_flag_.store(true);
     }
     cv_.notify_all();
     for (auto& t : threads_) t.join();
@@ -380,13 +382,18 @@ class Pool {
       ntasks_ = ntasks;
       next_.store(0);
       threads_in_run_ = threads;
-      pending_ = threads - 1;
+      pending_.store(threads - 1);
       ++generation_;
+      published_.store(generation_, std::memory_order_release);
     }
     cv_.notify_all();
     drain(fn);
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [this] { return pending_ == 0; });
+    // the workers usually finish within microseconds of the caller: spin briefly before sleeping
+    if (!spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_cv_.wait(lk, [this] { return pending_.load() == 0; });
+    }
+    std::lock_guard<std::mutex> lk(mu_);
     job_ = nullptr;
   }
 
@@ -395,9 +402,21 @@ class Pool {
     for (int64_t t = next_.fetch_add(1); t < ntasks_; t = next_.fetch_add(1)) fn(t);
   }
 
+  // Spin for up to kSpin on `ready` (cheap when calls come back to back, as an optimizer step's
+  // chunks do: a sleeping worker takes tens of microseconds to wake, as long as a small task).
+  template <typename F>
+  static bool spin_until(F ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 0;; ++i) {
+      if (ready()) return true;
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= until) return false;
+    }
+  }
+
   void loop(int index) {
     uint64_t seen = 0;
     for (;;) {
+      spin_until([&] { return published_.load(std::memory_order_acquire) != seen || stop_flag_.load(); });
       const std::function<void(int64_t)>* job;
       {
         std::unique_lock<std::mutex> lk(mu_);
@@ -408,12 +427,14 @@ class Pool {
         job = job_;
       }
       drain(*job);
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        if (--pending_ == 0) done_cv_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);  // the caller may be about to sleep: wake it under the lock
+        done_cv_.notify_one();
       }
     }
   }
+
+  static constexpr std::chrono::microseconds kSpin{100};
 
   std::vector<std::thread> threads_;
   std::mutex mu_;
@@ -422,8 +443,10 @@ class Pool {
   int64_t ntasks_ = 0;
   std::atomic<int64_t> next_{0};
   int threads_in_run_ = 0;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int> pending_{0};              // workers still draining this run
+  uint64_t generation_ = 0;                  // guarded by mu_
+  std::atomic<uint64_t> published_{0};       // generation_, readable without the lock (for spinning)
+  std::atomic<bool> stop_flag_{false};       // stop_, readable without the lock
   bool stop_ = false;
 };
 
@@ -439,8 +462,8 @@ void after_fork_child() {
 const int kAtFork = pthread_atfork(nullptr, nullptr, after_fork_child);
 #endif
 
-constexpr int64_t kMinPerThread = 1 << 16;  // below this, thread hand-off costs more than it saves (2-core VM: 32K-element tasks ran at half the one-thread rate)
-constexpr int64_t kTasksPerThread = 4;       // finer tasks balance the load when threads are delayed
+constexpr int64_t kMinPerThread = 1 << 14;  // below this, thread hand-off costs more than it saves
+constexpr int64_t kTasksPerThread = 2;       // finer tasks balance the load when threads are delayed
 
 void run_job(const Job& job, int64_t n, int num_threads) {
   const KernelFn fn = kernel_for(static_cast<Simd>(g_simd.load()));
