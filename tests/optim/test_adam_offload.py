@@ -15,6 +15,7 @@ from bmt_optim.cpu_adam import CpuAdamBackend, native_available
 
 from ..harness import run_distributed
 from ._adam_reference import DTYPES, HP, SCALE, grads_for, make_params, master_of, run_ours, run_reference
+from .native import check_native_built, requires_native
 
 SHAPES = [(37, 29), (1000,), (3,)]
 CHUNK = 64  # small chunks: many per parameter, with a ragged last one
@@ -45,9 +46,10 @@ def test_matches_adamw_20_steps(dtype: torch.dtype) -> None:
             assert st["_param_fp32"].shape == (p.numel(),) and st["exp_avg"].device.type == "cpu"
 
 
-@pytest.mark.skipif(not native_available(), reason="the C++ CPU Adam was not built (no C++ compiler)")
+@requires_native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_matches_fallback(dtype: torch.dtype) -> None:
+    check_native_built()
     a, b = make_params(SHAPES, dtype), make_params(SHAPES, dtype)
     oa, ob = offload(a, CpuAdamBackend.NATIVE, maximize=True), offload(b, CpuAdamBackend.TORCH, maximize=True)
     run_ours(oa, a, 1, 20, scale=3.0)

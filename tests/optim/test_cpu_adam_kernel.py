@@ -9,10 +9,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from bmt_optim.cpu_adam import CpuAdamBackend, cpu_adam_update, native_available, native_module
+from bmt_optim.cpu_adam import CpuAdamBackend, cpu_adam_update, native_module
 from bmt_optim.kernels_adam import AdamScalars
 
-pytestmark = pytest.mark.skipif(not native_available(), reason="the C++ CPU Adam was not built (no C++ compiler)")
+from .native import check_native_built, requires_native
+
+pytestmark = requires_native
+
+
+@pytest.fixture(autouse=True)
+def _native_built() -> None:
+    check_native_built()
 
 LEVELS = ["avx512", "avx2", "scalar"]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
