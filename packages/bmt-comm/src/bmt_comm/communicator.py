@@ -76,25 +76,30 @@ class Communicator(ABC):
     Every call is collective over the group except ``send``/``recv``.
     """
 
+    # set by each transport's constructor
+    _ranks: tuple[int, ...]
+    _rank: int
+    _device: torch.device
+
     @property
-    @abstractmethod
     def rank(self) -> int:
         """This process's rank inside the group."""
+        return self._rank
 
     @property
-    @abstractmethod
     def size(self) -> int:
         """Number of ranks in the group."""
+        return len(self._ranks)
 
     @property
-    @abstractmethod
     def global_ranks(self) -> tuple[int, ...]:
         """Global ranks of the members, indexed by group rank."""
+        return self._ranks
 
     @property
-    @abstractmethod
     def device(self) -> torch.device:
         """The device whose tensors this communicator accepts."""
+        return self._device
 
     # --- collectives (implemented by transports) --------------------------------------
     @abstractmethod

@@ -80,22 +80,6 @@ class TorchCommunicator(Communicator):
         self._pending_p2p: list[dist.P2POp] | None = None  # set inside group(): p2p ops wait to be posted
 
     @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def size(self) -> int:
-        return len(self._ranks)
-
-    @property
-    def global_ranks(self) -> tuple[int, ...]:
-        return self._ranks
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def process_group(self) -> dist.ProcessGroup | None:
         return self._pg
 

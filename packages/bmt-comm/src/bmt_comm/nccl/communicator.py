@@ -100,22 +100,6 @@ class NcclCommunicator(Communicator):
 
     # --- identity ----------------------------------------------------------------------
     @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def size(self) -> int:
-        return len(self._ranks)
-
-    @property
-    def global_ranks(self) -> tuple[int, ...]:
-        return self._ranks
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def handle(self) -> NCCLCommunicator:
         return self._handle
 
