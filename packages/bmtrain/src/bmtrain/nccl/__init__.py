@@ -23,25 +23,8 @@ from bmt_comm.nccl import (
     send,
 )
 
-from .enums import (
-    ncclAvg,
-    ncclBFloat16,
-    ncclBool,
-    ncclChar,
-    ncclFloat16,
-    ncclFloat32,
-    ncclFloat64,
-    ncclInt8,
-    ncclInt32,
-    ncclInt64,
-    ncclMax,
-    ncclMin,
-    ncclProd,
-    ncclSum,
-    ncclUint8,
-    ncclUint32,
-    ncclUint64,
-)
+from . import enums
+from .enums import *  # noqa: F403 - the reference's constants (ncclInt8 ... ncclAvg)
 
 __all__ = [
     "NCCLCommunicator",
@@ -60,21 +43,5 @@ __all__ = [
     "groupStart",
     "groupEnd",
     "dtype2nccl",
-    "ncclInt8",
-    "ncclChar",
-    "ncclBool",
-    "ncclUint8",
-    "ncclInt32",
-    "ncclUint32",
-    "ncclInt64",
-    "ncclUint64",
-    "ncclFloat16",
-    "ncclFloat32",
-    "ncclFloat64",
-    "ncclBFloat16",
-    "ncclSum",
-    "ncclProd",
-    "ncclMax",
-    "ncclMin",
-    "ncclAvg",
+    *enums.__all__,
 ]
