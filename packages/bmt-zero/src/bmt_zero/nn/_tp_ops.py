@@ -341,9 +341,12 @@ def vocab_parallel_embedding(
         return F.embedding(ids, weight)
     all_ids = gather_stacked(ids, comm)  # (size, *ids.shape)
     if all_ids.numel():  # out-of-range ids would silently embed as zeros below
-        lo, hi = (int(v) for v in torch.aminmax(all_ids))
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"embedding ids must be in [0, {vocab_size}), got ids in [{lo}, {hi}]")
+        if all_ids.is_cuda:  # a device-side assert: no host sync on every forward
+            torch._assert_async(((all_ids >= 0) & (all_ids < vocab_size)).all(), "embedding id out of range")
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(all_ids))
+            if lo < 0 or hi >= vocab_size:
+                raise ValueError(f"embedding ids must be in [0, {vocab_size}), got ids in [{lo}, {hi}]")
     local = all_ids - start
     outside = (local < 0) | (local >= weight.shape[0])
     emb = F.embedding(local.masked_fill(outside, 0), weight)  # (size, *ids.shape, dim)
