@@ -20,6 +20,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import bmt_comm
@@ -30,6 +31,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..parameter import DistributedParameter
 from .atomic import atomic_write, describe, replace_dir
+from .model_keys import KeyedTensor, Path, merge_keys, state_entries
 
 __all__ = ["save_sharded", "load_sharded", "shard_file_name", "METADATA_FILE", "FORMAT"]
 
@@ -53,20 +55,6 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} in sharded checkpoint metadata")
     return dtype
-
-
-def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers under their state-dict keys (a Block adds no infix)."""
-    out: dict[str, torch.Tensor] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        base = mod_name + "." if mod_name else ""
-        for name, param in module._parameters.items():
-            if param is not None:
-                out.setdefault(base + name, param)
-        for name, buf in module._buffers.items():
-            if buf is not None and name not in module._non_persistent_buffers_set:
-                out.setdefault(base + name, buf)
-    return out
 
 
 def _full_shape(param: DistributedParameter) -> torch.Size:
@@ -103,9 +91,78 @@ def _raise_first(statuses: list[str | None], own: BaseException | None, what: st
             raise RuntimeError(f"{what} failed on rank {rank}: {message}")
 
 
+@dataclass(frozen=True)
+class _Described:
+    """One rank's account of one of its tensors: its key, place in the model, metadata, piece."""
+
+    key: str
+    path: Path
+    info: dict[str, Any]
+    piece: Piece | None  # None: not a DistributedParameter (saved whole, by its first holder)
+
+
+def _describe(entries: list[KeyedTensor], tp_rank: int) -> list[_Described]:
+    out = []
+    for e in entries:
+        t = e.tensor
+        info: dict[str, Any] = {"dtype": _dtype_name(t.dtype)}
+        piece: Piece | None = None
+        if isinstance(t, DistributedParameter):
+            _local_piece(e.key, t)  # a gathered parameter can't be saved as a piece
+            piece = (tp_rank if t._tp_mode else 0, t._start_partition, t._end_partition)
+            info.update(kind="sharded", shape=list(_full_shape(t)), local_shape=list(t._original_shape),
+                        tp_mode=t._tp_mode, tp_split_dim=t._tp_split_dim)
+        else:
+            info.update(kind="replicated", shape=list(t.shape))
+        out.append(_Described(e.key, e.path, info, piece))
+    return out
+
+
+def _merge(ranks: list[list[_Described]]) -> dict[str, dict[str, Any]]:
+    """Every rank's descriptions as the metadata's ``tensors``, in model order (the same on every
+    rank). A rank holding only a part of the model (a pipeline stage) describes only that part."""
+    first: dict[str, _Described] = {}
+    pieces: dict[str, list[list[int]]] = {}
+    owner: dict[str, int] = {}
+    for rank, described in enumerate(ranks):
+        for d in described:
+            seen = first.setdefault(d.key, d)
+            owner.setdefault(d.key, rank)
+            for field in ("kind", "dtype", "shape"):
+                if seen.info[field] != d.info[field]:
+                    raise ValueError(
+                        f"save_sharded: the ranks' models must agree on each tensor, but {d.key!r} has "
+                        f"{field} {seen.info[field]} on rank {owner[d.key]} and {d.info[field]} on rank {rank}"
+                    )
+            if d.piece is not None and d.piece[2] > d.piece[1]:
+                pieces.setdefault(d.key, []).append([rank, *d.piece])
+    infos: dict[str, dict[str, Any]] = {}
+    for key in merge_keys([(d.key, d.path) for d in described] for described in ranks):
+        info = dict(first[key].info)
+        if info["kind"] == "sharded":
+            info["pieces"] = pieces.get(key, [])
+        else:  # written whole by the lowest rank that holds it
+            info["pieces"] = [[owner[key], 0, 0, torch.Size(info["shape"]).numel()]]
+        infos[key] = info
+    return infos
+
+
+def _settle(statuses: list[str | None], own: BaseException | None, what: str, tmp: str) -> None:
+    """Raise a failure on every rank, once rank 0 has removed the temporary directory."""
+    if any(statuses):
+        if bmt_comm.get_context().comms.world.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        bmt_comm.synchronize()
+    _raise_first(statuses, own, what)
+
+
 def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
     """Collective: each rank writes its shards of ``model`` into ``directory`` (replacing an older
-    checkpoint there only once the new one is complete)."""
+    checkpoint there only once the new one is complete).
+
+    A model spread over ranks (a pipeline: ``children_everywhere``) is saved whole: each rank
+    writes the pieces it holds, the metadata describes every rank's tensors.
+    """
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
     tp = ctx.comms.tp
@@ -114,56 +171,44 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
     token = bmt_comm.broadcast_object(uuid.uuid4().hex if rank == 0 else None, world, 0)
     tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{token}")
     error: BaseException | None = None
-    if rank == 0:
-        try:
+    entries: list[KeyedTensor] = []
+    described: list[_Described] = []
+    try:
+        if rank == 0:
             os.makedirs(tmp)
-        except Exception as ex:
-            error = ex
-    _raise_first(bmt_comm.allgather_objects(describe(error), world), error, "save_sharded")
+        entries = state_entries(model)
+        described = _describe(entries, tp.rank)
+    except Exception as ex:
+        error = ex
+    gathered = bmt_comm.allgather_objects((describe(error), described), world)
+    _settle([status for status, _ in gathered], error, "save_sharded", tmp)
+    infos: dict[str, dict[str, Any]] = {}
+    try:
+        infos = _merge([d for _, d in gathered])  # the same on every rank: all raise alike
+    except ValueError as ex:
+        _settle([describe(ex)], ex, "save_sharded", tmp)
 
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     tensors: dict[str, torch.Tensor] = {}
-    pieces: dict[str, Piece] = {}
-    infos: dict[str, dict[str, Any]] = {}
     try:
-        for key, t in _state_tensors(model).items():
-            info: dict[str, Any] = {"dtype": _dtype_name(t.dtype)}
-            if isinstance(t, DistributedParameter):
-                piece = _local_piece(key, t)
-                start, end = t._start_partition, t._end_partition
-                if end > start:
-                    tensors[key] = piece.to("cpu", copy=True)
-                pieces[key] = (tp.rank if t._tp_mode else 0, start, end)
-                info.update(kind="sharded", shape=list(_full_shape(t)), local_shape=list(t._original_shape),
-                            tp_mode=t._tp_mode, tp_split_dim=t._tp_split_dim)
-            else:
-                info.update(kind="replicated", shape=list(t.shape))
-                if rank == 0:
-                    tensors[key] = t.detach().to("cpu", copy=True).contiguous()
-            infos[key] = info
+        for e, d in zip(entries, described, strict=True):
+            t = e.tensor
+            if d.piece is not None:
+                if d.piece[2] > d.piece[1]:
+                    tensors[e.key] = t.detach().reshape(-1).to("cpu", copy=True)
+            elif infos[e.key]["pieces"][0][0] == rank:
+                tensors[e.key] = t.detach().to("cpu", copy=True).contiguous()
         path = os.path.join(tmp, shard_file_name(rank, size))
         save_file(tensors, path)
         _fsync_file(path)
     except Exception as ex:
         error = ex
     del tensors
-    gathered = bmt_comm.allgather_objects((describe(error), pieces), world)
-    statuses = [status for status, _ in gathered]
-    if any(statuses):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        bmt_comm.synchronize()  # every rank raises only once the temporary is gone
-    _raise_first(statuses, error, "save_sharded")
+    _settle(bmt_comm.allgather_objects(describe(error), world), error, "save_sharded", tmp)
 
     if rank == 0:
         try:
-            for key, info in infos.items():
-                if info["kind"] == "sharded":
-                    info["pieces"] = [[r, *ranks_pieces[key]] for r, (_, ranks_pieces) in enumerate(gathered)
-                                      if ranks_pieces[key][2] > ranks_pieces[key][1]]
-                else:
-                    info["pieces"] = [[0, 0, 0, torch.Size(info["shape"]).numel()]]
             metadata = {
                 "format": FORMAT, "version": VERSION, "world_size": size, "tp_size": tp.size,
                 "files": [shard_file_name(r, size) for r in range(size)], "tensors": infos,
@@ -235,7 +280,7 @@ def _load_param(key: str, param: DistributedParameter, info: Mapping[str, Any], 
     start, end = param._start_partition, param._end_partition
     target = param.data.view(-1)
     if info["kind"] == "replicated":
-        full = reader.tensor(0, key)
+        full = reader.tensor(info["pieces"][0][0], key)
         if param._tp_mode and param._tp_split_dim >= 0:
             size = param._original_shape[param._tp_split_dim]
             full = full.narrow(param._tp_split_dim, tp.rank * size, size)
@@ -257,7 +302,7 @@ def _load_param(key: str, param: DistributedParameter, info: Mapping[str, Any], 
 def _load_plain(key: str, tensor: torch.Tensor, info: Mapping[str, Any], saved_tp: int,
                 reader: _Reader) -> str | None:
     if info["kind"] == "replicated":
-        tensor.copy_(reader.tensor(0, key))
+        tensor.copy_(reader.tensor(info["pieces"][0][0], key))
         return None
     if info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1:
         return f"{key}: a tensor-parallel split parameter can't be loaded into a plain tensor"
@@ -272,7 +317,8 @@ def _load_plain(key: str, tensor: torch.Tensor, info: Mapping[str, Any], saved_t
 def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], strict: bool = True) -> _IncompatibleKeys:
     """Collective: load a checkpoint written by ``save_sharded`` at any world size.
 
-    Missing/unexpected keys and shape mismatches are reported as torch's ``load_state_dict`` does.
+    Missing/unexpected keys and shape mismatches are reported as torch's ``load_state_dict`` does,
+    for the whole model on every rank (also where a rank holds a part of it: a pipeline stage).
     """
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
@@ -293,12 +339,11 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], stri
     saved: dict[str, Any] = metadata["tensors"]
     saved_tp: int = metadata["tp_size"]
     reader = _Reader(path, metadata["files"])
-    own = _state_tensors(model)
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
+    entries = state_entries(model)
     errors: list[str] = []
     with torch.no_grad():
-        for key, t in own.items():
+        for e in entries:
+            key, t = e.key, e.tensor
             info = saved.get(key)
             if info is None:
                 continue
@@ -316,9 +361,14 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], stri
                 message = _load_plain(key, t, info, saved_tp, reader)
             if message is not None:
                 errors.append(message)
-    # per-rank problems (pieces missing for one rank's range) become everyone's
-    everyone = bmt_comm.allgather_objects(errors, world)
-    errors = list(dict.fromkeys(m for rank_errors in everyone for m in rank_errors))
+    # per-rank problems (pieces missing for one rank's range) become everyone's; the keys are the
+    # whole model's (a pipeline stage holds its own layers only), so every rank reports alike
+    everyone = bmt_comm.allgather_objects((errors, [(e.key, e.path) for e in entries]), world)
+    errors = list(dict.fromkeys(m for rank_errors, _ in everyone for m in rank_errors))
+    model_keys = merge_keys(keys for _, keys in everyone)
+    held = set(model_keys)
+    missing = [k for k in model_keys if k not in saved]
+    unexpected = [k for k in saved if k not in held]
     if strict:
         if unexpected:
             errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
