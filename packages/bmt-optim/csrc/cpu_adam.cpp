@@ -15,6 +15,12 @@
 //   p = p - (step_size * m) / (sqrt(v) / bc2_sqrt + eps)                        (torch's addcdiv)
 // each operation rounded as torch's CPU kernels round it, so the results agree to the last bit
 // in most elements (and to an ulp in the others).
+//
+// The division by the constant bc2_sqrt is not a divide instruction: q = s * y with y = 1/bc2_sqrt
+// rounded to float, then one Markstein correction q += (s - q * bc2_sqrt) * y in FMAs. With y
+// correctly rounded and q within an ulp, that result is the correctly rounded quotient
+// (Markstein's theorem), bit for bit what a divide gives, and it frees the divider, which sqrt
+// and the remaining divide share: 1.67 -> 2.42 G elem/s per core in cache (AVX-512, 2-core VM).
 
 #include <pybind11/pybind11.h>
 
@@ -59,6 +65,7 @@ struct Hyper {
   float step_size;        // lr / (1 - beta1^t)
   float bc2_sqrt;         // sqrt(1 - beta2^t)
   float grad_mul;         // (+-1) / loss_scale
+  float inv_bc2_sqrt;     // 1 / bc2_sqrt rounded to float (the Markstein reciprocal)
 };
 
 struct Job {
@@ -144,6 +151,16 @@ inline void store_scalar(void* p, Dtype d, int64_t i, float x) {
   }
 }
 
+// s / bc2_sqrt, correctly rounded, without a divide (see the top of the file). A non-finite q
+// (s infinite, or the product overflowing) makes the correction NaN: keep q, which is then the
+// quotient's own value (inf, or NaN for NaN).
+inline float div_bc2(float s, const Hyper& h) {
+  const float q = s * h.inv_bc2_sqrt;
+  const float r = std::fma(-q, h.bc2_sqrt, s);
+  const float q1 = std::fma(r, h.inv_bc2_sqrt, q);
+  return std::isnan(q1) ? q : q1;
+}
+
 void adam_scalar(const Job& j, int64_t begin, int64_t end) {
   const Hyper& h = j.h;
   for (int64_t i = begin; i < end; ++i) {
@@ -152,7 +169,7 @@ void adam_scalar(const Job& j, int64_t begin, int64_t end) {
     float m = j.exp_avg[i];
     m = std::fma(h.one_minus_beta1, g - m, m);
     const float v = std::fma(h.one_minus_beta2 * g, g, j.exp_avg_sq[i] * h.beta2);
-    const float denom = std::sqrt(v) / h.bc2_sqrt + h.eps;
+    const float denom = div_bc2(std::sqrt(v), h) + h.eps;
     p = p - (h.step_size * m) / denom;
     j.master[i] = p;
     j.exp_avg[i] = m;
@@ -197,6 +214,13 @@ BMT_AVX2 inline void avx2_store(void* p, Dtype d, int64_t i, __m256 x) {
   }
 }
 
+BMT_AVX2 inline __m256 avx2_div_bc2(__m256 s, const Hyper& h) {  // as div_bc2
+  const __m256 y = _mm256_set1_ps(h.inv_bc2_sqrt);
+  const __m256 q = _mm256_mul_ps(s, y);
+  const __m256 q1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, _mm256_set1_ps(h.bc2_sqrt), s), y, q);
+  return _mm256_blendv_ps(q1, q, _mm256_cmp_ps(q1, q1, _CMP_UNORD_Q));
+}
+
 BMT_AVX2 inline void avx2_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
                                Dtype od, int64_t i, const Hyper& h) {
   const __m256 g = _mm256_mul_ps(avx2_load(grad, gd, i), _mm256_set1_ps(h.grad_mul));
@@ -205,7 +229,7 @@ BMT_AVX2 inline void avx2_body(float* master, float* ea, float* eas, const void*
   m = _mm256_fmadd_ps(_mm256_set1_ps(h.one_minus_beta1), _mm256_sub_ps(g, m), m);
   __m256 v = _mm256_loadu_ps(eas + i);
   v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h.one_minus_beta2), g), g, _mm256_mul_ps(v, _mm256_set1_ps(h.beta2)));
-  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), _mm256_set1_ps(h.bc2_sqrt)), _mm256_set1_ps(h.eps));
+  const __m256 denom = _mm256_add_ps(avx2_div_bc2(_mm256_sqrt_ps(v), h), _mm256_set1_ps(h.eps));
   const __m256 p = _mm256_sub_ps(p0, _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(h.step_size), m), denom));
   _mm256_storeu_ps(master + i, p);
   _mm256_storeu_ps(ea + i, m);
@@ -288,6 +312,13 @@ BMT_AVX512 inline void avx512_store(void* p, Dtype d, int64_t i, __m512 x) {
   }
 }
 
+BMT_AVX512 inline __m512 avx512_div_bc2(__m512 s, const Hyper& h) {  // as div_bc2
+  const __m512 y = _mm512_set1_ps(h.inv_bc2_sqrt);
+  const __m512 q = _mm512_mul_ps(s, y);
+  const __m512 q1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, _mm512_set1_ps(h.bc2_sqrt), s), y, q);
+  return _mm512_mask_mov_ps(q1, _mm512_cmp_ps_mask(q1, q1, _CMP_UNORD_Q), q);
+}
+
 BMT_AVX512 inline void avx512_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
                                    Dtype od, int64_t i, const Hyper& h) {
   const __m512 g = _mm512_mul_ps(avx512_load(grad, gd, i), _mm512_set1_ps(h.grad_mul));
@@ -296,7 +327,7 @@ BMT_AVX512 inline void avx512_body(float* master, float* ea, float* eas, const v
   m = _mm512_fmadd_ps(_mm512_set1_ps(h.one_minus_beta1), _mm512_sub_ps(g, m), m);
   __m512 v = _mm512_loadu_ps(eas + i);
   v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(h.one_minus_beta2), g), g, _mm512_mul_ps(v, _mm512_set1_ps(h.beta2)));
-  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(h.bc2_sqrt)), _mm512_set1_ps(h.eps));
+  const __m512 denom = _mm512_add_ps(avx512_div_bc2(_mm512_sqrt_ps(v), h), _mm512_set1_ps(h.eps));
   const __m512 p = _mm512_sub_ps(p0, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(h.step_size), m), denom));
   _mm512_storeu_ps(master + i, p);
   _mm512_storeu_ps(ea + i, m);
@@ -519,7 +550,7 @@ void adam_step(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintpt
           parse_dtype(grad_dtype, "grad"),
           reinterpret_cast<void*>(out),
           parse_dtype(out_dtype, "out"),
-          Hyper{decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul}};
+          Hyper{decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, 1.0f / bc2_sqrt}};
   py::gil_scoped_release release;
   run_job(job, n, num_threads);
 }
