@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Any
 
@@ -87,6 +88,42 @@ def test_state_dict_round_trip_mid_training() -> None:
         assert torch.equal(p, q)
         for k in ("exp_avg", "exp_avg_sq", "_param_fp32"):
             assert torch.equal(opt.state[p][k], opt2.state[q][k])
+
+
+@pytest.mark.parametrize("backend", [CpuAdamBackend.NATIVE, CpuAdamBackend.TORCH], ids=str)
+def test_record_delta(backend: CpuAdamBackend) -> None:
+    """BMTrain's record_delta (positional, after hold_steps): per parameter ``_delta_info`` =
+    [mean, var, sum, sum_sq] of the update direction m_hat / (sqrt(v_hat) + eps) + wd * p_old, and
+    the same over all stepped parameters from get_avg_delta/get_var_delta; the updates themselves
+    are those of an optimizer without it. The direction is recomputed here in float64 from the
+    moments after the step and the master before it."""
+    if backend is CpuAdamBackend.NATIVE and not native_available():
+        pytest.skip("the C++ CPU Adam is not built")
+    lr, betas, eps, wd = HP["lr"], HP["betas"], HP["eps"], HP["weight_decay"]
+    params, twins = make_params(SHAPES, torch.bfloat16), make_params(SHAPES, torch.bfloat16)
+    opt = AdamOffloadOptimizer(params, lr, betas, eps, wd, 1, True, chunk_numel=CHUNK, num_threads=2)
+    plain = AdamOffloadOptimizer(twins, lr, betas, eps, wd, 1, chunk_numel=CHUNK, num_threads=2)
+    opt._cpu_backend = plain._cpu_backend = backend
+    assert opt.get_avg_delta() == 0.0 and plain.get_var_delta() == 0.0
+    for step in range(1, 4):  # step 1 is held (lr 0): the statistics are recorded all the same
+        old = [(master_of(opt, p) if opt.state[p] else p.detach()).double().flatten() for p in params]
+        run_ours(opt, params, step, step)
+        run_ours(plain, twins, step, step)
+        dirs = []
+        for p, q, p_old in zip(params, twins, old, strict=True):
+            assert torch.equal(p, q)
+            st = opt.state[p]
+            m, v = st["exp_avg"].double(), st["exp_avg_sq"].double()
+            d = m / (1 - betas[0] ** step) / (v.sqrt() / math.sqrt(1 - betas[1] ** step) + eps) + wd * p_old
+            dirs.append(d)
+            want = torch.tensor([d.mean(), d.var(unbiased=False), d.sum(), d.square().sum()], dtype=torch.float64)
+            torch.testing.assert_close(st["_delta_info"].double(), want, rtol=1e-5, atol=1e-6)
+        every = torch.cat(dirs)
+        assert math.isclose(opt.get_avg_delta(), every.mean().item(), rel_tol=1e-5, abs_tol=1e-7)
+        assert math.isclose(opt.get_var_delta(), every.var(unbiased=False).item(), rel_tol=1e-5)
+        assert plain.get_avg_delta() == 0.0 and "_delta_info" not in plain.state[twins[0]]
+    with pytest.raises(TypeError, match="record_delta must be a bool, got 'yes'"):
+        AdamOffloadOptimizer(params, record_delta="yes")  # type: ignore[arg-type]
 
 
 def test_errors() -> None:

@@ -173,3 +173,48 @@ def test_thread_pool_survives_fork() -> None:
     v.abs_()
     cpu_adam_update(master, m, v, grad, None, S, backend=CpuAdamBackend.TORCH)
     torch.testing.assert_close(torch.from_numpy(got), master, rtol=1e-6, atol=1e-7)
+
+
+def _direction(before: list[torch.Tensor], after: list[torch.Tensor], s: AdamScalars) -> torch.Tensor:
+    """The update direction m_hat / (sqrt(v_hat) + eps) + wd * p_old in float64 from the kernel's
+    new moments and the old master."""
+    p_old = before[0].double()
+    m, v = after[1].double(), after[2].double()
+    return (m * s.inv_bc1) / (v.sqrt() / s.bc2_sqrt + s.eps) + s.weight_decay * p_old
+
+
+@pytest.mark.parametrize("backend", [CpuAdamBackend.NATIVE, CpuAdamBackend.TORCH], ids=str)
+def test_update_statistics(simd: Any, backend: CpuAdamBackend) -> None:
+    """``delta`` receives the sum and the sum of squares of the update direction, added to what it
+    held, over every element (tails included, padding lanes not), at each SIMD level and thread count."""
+    # eps 0: a zero-padded tail lane would give 0/0 = nan, so counting one cannot go unseen
+    s = AdamScalars.make(lr=1e-2, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.1, step=3, scale=3.0)
+    for level in levels() if backend is CpuAdamBackend.NATIVE else ["torch"]:
+        if backend is CpuAdamBackend.NATIVE:
+            simd.set_simd(level)
+        for n in SIZES:
+            for threads in (1, 3):
+                state, grad = problem(n, torch.bfloat16)
+                before = [t.clone() for t in state]
+                delta = torch.tensor([1.5, 2.5], dtype=torch.float64)  # sums are added to this
+                cpu_adam_update(*state, grad, None, s, num_threads=threads, backend=backend, delta=delta)
+                d = _direction(before, state, s)
+                want = torch.tensor([1.5 + d.sum().item(), 2.5 + d.square().sum().item()], dtype=torch.float64)
+                # fp32 rounding of each direction (~1e-7 relative) against a float64 reference
+                tol = 1e-6 * (d.abs().sum().item() + 1.0)
+                where = f"{level} n={n} threads={threads}"
+                assert abs(delta[0].item() - want[0].item()) <= tol, where
+                torch.testing.assert_close(delta[1], want[1], rtol=1e-6, atol=0.0, msg=where)
+                # the update itself is the same with and without statistics
+                plain = [t.clone() for t in before]
+                cpu_adam_update(*plain, grad, None, s, num_threads=threads, backend=backend)
+                for a, b in zip(plain, state, strict=True):
+                    assert torch.equal(a, b), where
+
+
+def test_update_statistics_checks_its_buffer() -> None:
+    state, grad = problem(8, torch.float32)
+    with pytest.raises(ValueError, match=r"delta of dtype torch.float64, got torch.float32"):
+        cpu_adam_update(*state, grad, None, S, delta=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"delta of 2 elements \(sum and sum of squares\), got 3"):
+        cpu_adam_update(*state, grad, None, S, delta=torch.zeros(3, dtype=torch.float64))

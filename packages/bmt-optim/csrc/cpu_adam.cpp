@@ -5,6 +5,11 @@
 // is multiplied by `grad_mul` (= +-1/loss_scale) on the fly. Everything is raw pointers and
 // sizes: this module links neither torch nor CUDA, so no ABI can drift.
 //
+// With a statistics buffer the call also adds up, in double, the sum and the sum of squares of
+// the update direction d = m_hat / (sqrt(v_hat) + eps) + weight_decay * p (p before the update):
+// the offload optimizer's record_delta. Each task sums its own range and the tasks' sums are added
+// in task order, so for a given thread count the result does not depend on which thread ran what.
+//
 // SIMD variants (AVX-512, AVX2+FMA+F16C, portable scalar) are compiled with function-level target
 // attributes and picked at run time with __builtin_cpu_supports: the binary runs on any x86-64
 // (and the scalar path on any CPU). Work is split over a small persistent thread pool.
@@ -66,6 +71,18 @@ struct Hyper {
   float bc2_sqrt;         // sqrt(1 - beta2^t)
   float grad_mul;         // (+-1) / loss_scale
   float inv_bc2_sqrt;     // 1 / bc2_sqrt rounded to float (the Markstein reciprocal)
+  float inv_bc1;          // 1 / (1 - beta1^t): for the statistics only
+  float weight_decay;     // for the statistics only
+};
+
+// Sum and sum of squares of the update direction over a range (record_delta).
+struct Stats {
+  double sum = 0.0;
+  double sum_sq = 0.0;
+  void add(float d) {
+    sum += d;
+    sum_sq += static_cast<double>(d) * d;
+  }
 };
 
 struct Job {
@@ -161,21 +178,29 @@ inline float div_bc2(float s, const Hyper& h) {
   return std::isnan(q1) ? q : q1;
 }
 
-void adam_scalar(const Job& j, int64_t begin, int64_t end) {
+template <bool kStats>
+void adam_scalar_impl(const Job& j, int64_t begin, int64_t end, Stats* stats) {
   const Hyper& h = j.h;
   for (int64_t i = begin; i < end; ++i) {
     const float g = load_scalar(j.grad, j.grad_dtype, i) * h.grad_mul;
-    float p = j.master[i] * h.decay;
+    const float p_old = j.master[i];
+    float p = p_old * h.decay;
     float m = j.exp_avg[i];
     m = std::fma(h.one_minus_beta1, g - m, m);
     const float v = std::fma(h.one_minus_beta2 * g, g, j.exp_avg_sq[i] * h.beta2);
     const float denom = div_bc2(std::sqrt(v), h) + h.eps;
+    if constexpr (kStats) stats->add(std::fma(h.weight_decay, p_old, (m * h.inv_bc1) / denom));
     p = p - (h.step_size * m) / denom;
     j.master[i] = p;
     j.exp_avg[i] = m;
     j.exp_avg_sq[i] = v;
     if (j.out) store_scalar(j.out, j.out_dtype, i, p);
   }
+}
+
+void adam_scalar(const Job& j, int64_t begin, int64_t end, Stats* stats) {
+  if (stats) adam_scalar_impl<true>(j, begin, end, stats);
+  else adam_scalar_impl<false>(j, begin, end, nullptr);
 }
 
 #ifdef BMT_X86
@@ -221,10 +246,13 @@ BMT_AVX2 inline __m256 avx2_div_bc2(__m256 s, const Hyper& h) {  // as div_bc2
   return _mm256_blendv_ps(q1, q, _mm256_cmp_ps(q1, q1, _CMP_UNORD_Q));
 }
 
-BMT_AVX2 inline void avx2_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
-                               Dtype od, int64_t i, const Hyper& h) {
+// Returns the update direction when kStats (else nothing worth reading).
+template <bool kStats>
+BMT_AVX2 inline __m256 avx2_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
+                                 Dtype od, int64_t i, const Hyper& h) {
   const __m256 g = _mm256_mul_ps(avx2_load(grad, gd, i), _mm256_set1_ps(h.grad_mul));
-  const __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(master + i), _mm256_set1_ps(h.decay));
+  const __m256 p_old = _mm256_loadu_ps(master + i);
+  const __m256 p0 = _mm256_mul_ps(p_old, _mm256_set1_ps(h.decay));
   __m256 m = _mm256_loadu_ps(ea + i);
   m = _mm256_fmadd_ps(_mm256_set1_ps(h.one_minus_beta1), _mm256_sub_ps(g, m), m);
   __m256 v = _mm256_loadu_ps(eas + i);
@@ -235,6 +263,10 @@ BMT_AVX2 inline void avx2_body(float* master, float* ea, float* eas, const void*
   _mm256_storeu_ps(ea + i, m);
   _mm256_storeu_ps(eas + i, v);
   if (out) avx2_store(out, od, i, p);
+  if constexpr (kStats)
+    return _mm256_fmadd_ps(_mm256_set1_ps(h.weight_decay), p_old,
+                           _mm256_div_ps(_mm256_mul_ps(m, _mm256_set1_ps(h.inv_bc1)), denom));
+  return p;
 }
 
 // Tails go through the same vector body on a zero-padded copy, so every element is computed by
@@ -266,16 +298,40 @@ inline void tail_store(const Job& j, int64_t i, int64_t r, const Tail& t) {
   if (j.out) std::memcpy(static_cast<char*>(j.out) + i * os, t.out, r * os);
 }
 
-BMT_AVX2 void adam_avx2(const Job& j, int64_t begin, int64_t end) {
+template <bool kStats>
+BMT_AVX2 void adam_avx2_impl(const Job& j, int64_t begin, int64_t end, Stats* stats) {
+  __m256d sum = _mm256_setzero_pd(), sum_sq = _mm256_setzero_pd();
   int64_t i = begin;
-  for (; i + 8 <= end; i += 8)
-    avx2_body(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+  for (; i + 8 <= end; i += 8) {
+    const __m256 d = avx2_body<kStats>(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+    if constexpr (kStats) {
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+      sum = _mm256_add_pd(sum, _mm256_add_pd(lo, hi));
+      sum_sq = _mm256_fmadd_pd(lo, lo, _mm256_fmadd_pd(hi, hi, sum_sq));
+    }
+  }
+  if constexpr (kStats) {
+    alignas(32) double a[4], b[4];
+    _mm256_store_pd(a, sum);
+    _mm256_store_pd(b, sum_sq);
+    stats->sum += (a[0] + a[1]) + (a[2] + a[3]);
+    stats->sum_sq += (b[0] + b[1]) + (b[2] + b[3]);
+  }
   if (i < end) {
     Tail t;
     tail_load(j, i, end - i, t);
-    avx2_body(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype, j.out ? t.out : nullptr, j.out_dtype, 0, j.h);
+    alignas(32) float d[8];
+    _mm256_store_ps(d, avx2_body<kStats>(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype,
+                                         j.out ? t.out : nullptr, j.out_dtype, 0, j.h));
     tail_store(j, i, end - i, t);
+    if constexpr (kStats)
+      for (int64_t k = 0; k < end - i; ++k) stats->add(d[k]);  // the padding lanes are not counted
   }
+}
+
+BMT_AVX2 void adam_avx2(const Job& j, int64_t begin, int64_t end, Stats* stats) {
+  if (stats) adam_avx2_impl<true>(j, begin, end, stats);
+  else adam_avx2_impl<false>(j, begin, end, nullptr);
 }
 
 // ---------------------------------------------------------------- AVX-512 (16 lanes)
@@ -319,10 +375,13 @@ BMT_AVX512 inline __m512 avx512_div_bc2(__m512 s, const Hyper& h) {  // as div_b
   return _mm512_mask_mov_ps(q1, _mm512_cmp_ps_mask(q1, q1, _CMP_UNORD_Q), q);
 }
 
-BMT_AVX512 inline void avx512_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
-                                   Dtype od, int64_t i, const Hyper& h) {
+// Returns the update direction when kStats (else nothing worth reading).
+template <bool kStats>
+BMT_AVX512 inline __m512 avx512_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
+                                     Dtype od, int64_t i, const Hyper& h) {
   const __m512 g = _mm512_mul_ps(avx512_load(grad, gd, i), _mm512_set1_ps(h.grad_mul));
-  const __m512 p0 = _mm512_mul_ps(_mm512_loadu_ps(master + i), _mm512_set1_ps(h.decay));
+  const __m512 p_old = _mm512_loadu_ps(master + i);
+  const __m512 p0 = _mm512_mul_ps(p_old, _mm512_set1_ps(h.decay));
   __m512 m = _mm512_loadu_ps(ea + i);
   m = _mm512_fmadd_ps(_mm512_set1_ps(h.one_minus_beta1), _mm512_sub_ps(g, m), m);
   __m512 v = _mm512_loadu_ps(eas + i);
@@ -333,18 +392,44 @@ BMT_AVX512 inline void avx512_body(float* master, float* ea, float* eas, const v
   _mm512_storeu_ps(ea + i, m);
   _mm512_storeu_ps(eas + i, v);
   if (out) avx512_store(out, od, i, p);
+  if constexpr (kStats)
+    return _mm512_fmadd_ps(_mm512_set1_ps(h.weight_decay), p_old,
+                           _mm512_div_ps(_mm512_mul_ps(m, _mm512_set1_ps(h.inv_bc1)), denom));
+  return p;
 }
 
-BMT_AVX512 void adam_avx512(const Job& j, int64_t begin, int64_t end) {
+template <bool kStats>
+BMT_AVX512 void adam_avx512_impl(const Job& j, int64_t begin, int64_t end, Stats* stats) {
+  __m512d sum = _mm512_setzero_pd(), sum_sq = _mm512_setzero_pd();
   int64_t i = begin;
-  for (; i + 16 <= end; i += 16)
-    avx512_body(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+  for (; i + 16 <= end; i += 16) {
+    const __m512 d = avx512_body<kStats>(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+    if constexpr (kStats) {
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+      sum = _mm512_add_pd(sum, _mm512_add_pd(lo, hi));
+      sum_sq = _mm512_fmadd_pd(lo, lo, _mm512_fmadd_pd(hi, hi, sum_sq));
+    }
+  }
+  if constexpr (kStats) {
+    stats->sum += _mm512_reduce_add_pd(sum);
+    stats->sum_sq += _mm512_reduce_add_pd(sum_sq);
+  }
   if (i < end) {
     Tail t;
     tail_load(j, i, end - i, t);
-    avx512_body(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype, j.out ? t.out : nullptr, j.out_dtype, 0, j.h);
+    alignas(64) float d[16];
+    _mm512_store_ps(d, avx512_body<kStats>(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype,
+                                           j.out ? t.out : nullptr, j.out_dtype, 0, j.h));
     tail_store(j, i, end - i, t);
+    if constexpr (kStats)
+      for (int64_t k = 0; k < end - i; ++k) stats->add(d[k]);  // the padding lanes are not counted
   }
+}
+
+BMT_AVX512 void adam_avx512(const Job& j, int64_t begin, int64_t end, Stats* stats) {
+  if (stats) adam_avx512_impl<true>(j, begin, end, stats);
+  else adam_avx512_impl<false>(j, begin, end, nullptr);
 }
 #endif  // BMT_X86
 
@@ -366,7 +451,7 @@ Simd detect_simd() {
 const Simd kBestSimd = detect_simd();
 std::atomic<int> g_simd{static_cast<int>(kBestSimd)};  // tests may force a lower level
 
-using KernelFn = void (*)(const Job&, int64_t, int64_t);
+using KernelFn = void (*)(const Job&, int64_t, int64_t, Stats*);  // Stats: nullptr when not recorded
 
 KernelFn kernel_for(Simd s) {
 #ifdef BMT_X86
@@ -508,11 +593,18 @@ const int kAtFork = pthread_atfork(nullptr, nullptr, after_fork_child);
 constexpr int64_t kMinPerThread = 1 << 14;  // below this, thread hand-off costs more than it saves
 constexpr int64_t kTasksPerThread = 4;       // finer tasks balance the load when threads are delayed
 
-void run_job(const Job& job, int64_t n, int num_threads) {
+// `stats`: nullptr, or two doubles to which the sum and the sum of squares of the update
+// direction are added.
+void run_job(const Job& job, int64_t n, int num_threads, double* stats) {
   const KernelFn fn = kernel_for(static_cast<Simd>(g_simd.load()));
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, n / kMinPerThread));
   if (threads == 1) {
-    fn(job, 0, n);
+    Stats st;
+    fn(job, 0, n, stats ? &st : nullptr);
+    if (stats) {
+      stats[0] += st.sum;
+      stats[1] += st.sum_sq;
+    }
     return;
   }
   // Tasks of equal size on 16-element boundaries: only the last one has a tail.
@@ -524,10 +616,15 @@ void run_job(const Job& job, int64_t n, int num_threads) {
     delete g_pool;
     g_pool = new Pool(static_cast<int>(threads - 1));
   }
+  std::vector<Stats> per_task(stats ? tasks : 0);
   g_pool->run(static_cast<int>(threads), tasks, [&](int64_t t) {
     const int64_t b = t * per;
-    fn(job, b, std::min(n, b + per));
+    fn(job, b, std::min(n, b + per), stats ? &per_task[t] : nullptr);
   });
+  for (const Stats& st : per_task) {  // in task order: the same sums whichever thread ran a task
+    stats[0] += st.sum;
+    stats[1] += st.sum_sq;
+  }
 }
 
 Dtype parse_dtype(int d, const char* what) {
@@ -537,7 +634,8 @@ Dtype parse_dtype(int d, const char* what) {
 
 void adam_step(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
                uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
-               float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads) {
+               float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
+               uintptr_t stats, float inv_bc1, float weight_decay) {
   if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
   if (n == 0) return;
   if (!master || !exp_avg || !exp_avg_sq || !grad)
@@ -550,9 +648,10 @@ void adam_step(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintpt
           parse_dtype(grad_dtype, "grad"),
           reinterpret_cast<void*>(out),
           parse_dtype(out_dtype, "out"),
-          Hyper{decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, 1.0f / bc2_sqrt}};
+          Hyper{decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, 1.0f / bc2_sqrt,
+                inv_bc1, weight_decay}};
   py::gil_scoped_release release;
-  run_job(job, n, num_threads);
+  run_job(job, n, num_threads, reinterpret_cast<double*>(stats));
 }
 
 void set_simd(const std::string& name) {
@@ -574,7 +673,10 @@ PYBIND11_MODULE(_cpu_adam, m) {
         py::arg("grad_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("decay"),
         py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),
         py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_mul"), py::arg("num_threads"),
-        "Update n elements in place: master/exp_avg/exp_avg_sq (fp32), grad (dtype code), out (0 = none).");
+        py::arg("stats") = 0, py::arg("inv_bc1") = 1.0f, py::arg("weight_decay") = 0.0f,
+        "Update n elements in place: master/exp_avg/exp_avg_sq (fp32), grad (dtype code), out (0 = none). "
+        "stats (0 = none): two float64 to which the sum and sum of squares of the update direction "
+        "m_hat / (sqrt(v_hat) + eps) + weight_decay * p are added.");
   m.def("best_simd", [] { return std::string(simd_name(kBestSimd)); }, "Widest SIMD level this CPU supports.");
   m.def("simd", [] { return std::string(simd_name(static_cast<Simd>(g_simd.load()))); }, "SIMD level in use.");
   m.def("set_simd", &set_simd, py::arg("name"), "Use a SIMD level up to best_simd() (for tests and benchmarks).");

@@ -22,8 +22,8 @@ from .kernels_adam import AdamScalars
 __all__ = ["OffloadItem", "OffloadPipeline", "UpdateFn"]
 
 UpdateFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdamScalars], None
-]  # (master, exp_avg, exp_avg_sq, grad, out, scalars): the CPU Adam on host tensors
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdamScalars, torch.Tensor | None], None
+]  # (master, exp_avg, exp_avg_sq, grad, out, scalars, delta): the CPU Adam on host tensors
 
 
 class OffloadItem(NamedTuple):
@@ -35,6 +35,7 @@ class OffloadItem(NamedTuple):
     exp_avg: torch.Tensor  # 1-D fp32 host
     exp_avg_sq: torch.Tensor  # 1-D fp32 host
     scalars: AdamScalars
+    delta: torch.Tensor | None = None  # float64 [sum, sum of squares] of the update direction, or None
 
 
 class _Chunk(NamedTuple):
@@ -139,6 +140,7 @@ class OffloadPipeline:
                 grad,
                 out,
                 it.scalars,
+                it.delta,
             )
             dst = it.param[c.start : c.end]
             if h2d is None:

@@ -7,8 +7,13 @@ three stages overlapping (see ``_offload_pipeline``). Works on CPU parameters wi
 Host state is ordinary (pageable) memory: only the small staging ring is pinned, because only it
 is read or written by DMA; pinning 12 bytes per element of state would slow allocation and tie
 up locked memory for nothing. Same deliberate differences from BMTrain 1.0.1 as ``AdamOptimizer``
-(decoupled decay for all dtypes, one ``hold_steps`` rule, per-group ``maximize``); ``record_delta``
-is not provided.
+(decoupled decay for all dtypes, one ``hold_steps`` rule, per-group ``maximize``).
+
+``record_delta=True`` records, in the same pass over the state, the mean and variance of the
+update direction ``m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` (p before the step; the lr is
+not in it): per parameter in ``state[p]["_delta_info"]`` = float32 ``[mean, var, sum, sum_sq]``,
+and over all parameters stepped by the last ``step`` in ``get_avg_delta()``/``get_var_delta()``.
+They describe this rank's shards only (no communication), as in BMTrain.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class AdamOffloadOptimizer(AdamBase):
     """AdamW with host-resident state, for fp32/fp16/bf16 parameters on GPU or CPU.
 
     State per parameter (host, fp32, flat 1-D): ``exp_avg``, ``exp_avg_sq``, ``_param_fp32``;
-    and ``step`` (int). Keyword-only tuning: ``chunk_numel`` (elements per pipeline chunk),
+    ``step`` (int); with ``record_delta``, ``_delta_info``. Keyword-only tuning: ``chunk_numel`` (elements per pipeline chunk),
     ``num_threads`` (CPU Adam threads; default: ``default_offload_threads()``, this process's
     share of the host's CPUs, less one with CUDA).
     """
@@ -45,12 +50,18 @@ class AdamOffloadOptimizer(AdamBase):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         hold_steps: int = 0,
+        record_delta: bool = False,
         *,
         maximize: bool = False,
         chunk_numel: int = DEFAULT_CHUNK_NUMEL,
         num_threads: int | None = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, hold_steps, maximize=maximize)
+        if not isinstance(record_delta, bool):
+            raise TypeError(f"record_delta must be a bool, got {record_delta!r}")
+        self.record_delta = record_delta
+        self._avg_delta = 0.0
+        self._var_delta = 0.0
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self._pipeline = OffloadPipeline(chunk_numel)
@@ -66,9 +77,18 @@ class AdamOffloadOptimizer(AdamBase):
         grad: torch.Tensor,
         out: torch.Tensor,
         s: AdamScalars,
+        delta: torch.Tensor | None,
     ) -> None:
         cpu_adam_update(
-            master, exp_avg, exp_avg_sq, grad, out, s, num_threads=self._num_threads, backend=self._cpu_backend
+            master,
+            exp_avg,
+            exp_avg_sq,
+            grad,
+            out,
+            s,
+            num_threads=self._num_threads,
+            backend=self._cpu_backend,
+            delta=delta,
         )
 
     @torch.no_grad()
@@ -100,10 +120,35 @@ class AdamOffloadOptimizer(AdamBase):
                     exp_avg=state["exp_avg"],
                     exp_avg_sq=state["exp_avg_sq"],
                     scalars=self._scalars(group, state["step"], scale),
+                    delta=torch.zeros(2, dtype=torch.float64) if self.record_delta else None,
                 )
             )
         self._pipeline.run(items, self._update)
+        if self.record_delta:
+            self._record_delta([(p, it.delta) for (_, p, _), it in zip(work, items, strict=True)])
         return loss
+
+    def _record_delta(self, sums: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        total, total_sq, count = 0.0, 0.0, 0
+        for p, d in sums:
+            assert d is not None
+            s, sq = float(d[0]), float(d[1])
+            n = p.numel()
+            mean = s / n
+            self.state[p]["_delta_info"] = torch.tensor([mean, sq / n - mean * mean, s, sq], dtype=torch.float32)
+            total, total_sq, count = total + s, total_sq + sq, count + n
+        self._avg_delta = total / count if count else 0.0
+        self._var_delta = total_sq / count - self._avg_delta**2 if count else 0.0
+
+    def get_avg_delta(self) -> float:
+        """Mean of the update direction over the last step's elements on this rank (0 without
+        ``record_delta``)."""
+        return self._avg_delta if self.record_delta else 0.0
+
+    def get_var_delta(self) -> float:
+        """Variance (E[d^2] - E[d]^2) of the update direction over the last step's elements on this
+        rank (0 without ``record_delta``)."""
+        return self._var_delta if self.record_delta else 0.0
 
     def _place(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1).to("cpu", torch.float32, copy=True)

@@ -93,7 +93,9 @@ def default_num_threads() -> int:
     return max(1, cpus // max(1, local))
 
 
-def _check(name: str, t: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ...]) -> None:
+def _check(
+    name: str, t: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ...], why: str = "as master"
+) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"CPU Adam expects {name} on the CPU, got a tensor on {t.device}")
     if not t.is_contiguous():
@@ -101,7 +103,7 @@ def _check(name: str, t: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ..
     if t.dtype not in dtypes:
         raise ValueError(f"CPU Adam expects {name} of dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
     if t.numel() != numel:
-        raise ValueError(f"CPU Adam expects {name} of {numel} elements (as master), got {t.numel()}")
+        raise ValueError(f"CPU Adam expects {name} of {numel} elements ({why}), got {t.numel()}")
 
 
 def cpu_adam_update(
@@ -114,10 +116,14 @@ def cpu_adam_update(
     *,
     num_threads: int | None = None,
     backend: CpuAdamBackend | None = None,
+    delta: torch.Tensor | None = None,
 ) -> CpuAdamBackend:
     """Update CPU ``master``/moments (fp32) from ``grad`` (fp32/fp16/bf16); write ``out`` if given.
 
-    ``backend`` None picks the C++ kernel when built; returns the backend that ran.
+    ``backend`` None picks the C++ kernel when built; returns the backend that ran. ``delta``: a
+    float64 CPU tensor of 2 elements to which the sum and the sum of squares of the update
+    direction ``m_hat / (sqrt(v_hat) + eps) + weight_decay * master`` (the master before this
+    update) are added (the offload optimizer's ``record_delta``).
     """
     n = master.numel()
     f32 = (torch.float32,)
@@ -127,10 +133,12 @@ def cpu_adam_update(
     _check("grad", grad, n, tuple(_CODES))
     if out is not None:
         _check("out", out, n, tuple(_CODES))
+    if delta is not None:
+        _check("delta", delta, 2, (torch.float64,), why="sum and sum of squares")
     if backend is None:
         backend = CpuAdamBackend.NATIVE if _native is not None else CpuAdamBackend.TORCH
     if backend is CpuAdamBackend.TORCH:
-        adam_update_torch(master, exp_avg, exp_avg_sq, grad, out, s)
+        adam_update_torch(master, exp_avg, exp_avg_sq, grad, out, s, delta)
         return backend
     if _native is None:
         raise RuntimeError(f"the C++ CPU Adam is not available: {_native_error}")
@@ -155,5 +163,8 @@ def cpu_adam_update(
         s.bc2_sqrt,
         s.grad_mul,
         threads,
+        0 if delta is None else delta.data_ptr(),
+        s.inv_bc1,
+        s.weight_decay,
     )
     return backend

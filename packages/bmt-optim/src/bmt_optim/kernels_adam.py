@@ -53,6 +53,8 @@ class AdamScalars:
     step_size: float
     bc2_sqrt: float
     grad_mul: float
+    inv_bc1: float  # 1 / (1 - beta1^t); with weight_decay, for the update statistics (record_delta)
+    weight_decay: float
 
     @classmethod
     def make(
@@ -82,6 +84,8 @@ class AdamScalars:
             step_size=lr / (1.0 - beta1**step),
             bc2_sqrt=math.sqrt(1.0 - beta2**step),
             grad_mul=(-1.0 if maximize else 1.0) / float(scale),
+            inv_bc1=1.0 / (1.0 - beta1**step),
+            weight_decay=float(weight_decay),
         )
 
 
@@ -97,21 +101,24 @@ def adam_update_torch(
     grad: torch.Tensor,
     out: torch.Tensor | None,
     s: AdamScalars,
+    delta: torch.Tensor | None = None,
 ) -> None:
     """The update with torch ops, in place. ``master``/moments fp32, same shape as ``grad``.
 
     ``out`` (fp16/bf16/fp32, may be None) receives the new ``master`` cast to its dtype.
+    ``delta`` (float64, 2 elements, may be None): the sum and the sum of squares of the update
+    direction ``m_hat / (sqrt(v_hat) + eps) + weight_decay * master`` are added to it.
     """
     n = master.numel()
     parts = [master, exp_avg, exp_avg_sq, grad] + ([] if out is None else [out])
     if n <= _TORCH_CHUNK or not all(t.is_contiguous() for t in parts):
-        _torch_piece(master, exp_avg, exp_avg_sq, grad, out, s)
+        _torch_piece(master, exp_avg, exp_avg_sq, grad, out, s, delta)
         return
     mv, ea, eas, g = (t.view(-1) for t in (master, exp_avg, exp_avg_sq, grad))
     ov = None if out is None else out.view(-1)
     for a in range(0, n, _TORCH_CHUNK):
         b = min(n, a + _TORCH_CHUNK)
-        _torch_piece(mv[a:b], ea[a:b], eas[a:b], g[a:b], None if ov is None else ov[a:b], s)
+        _torch_piece(mv[a:b], ea[a:b], eas[a:b], g[a:b], None if ov is None else ov[a:b], s, delta)
 
 
 def _torch_piece(
@@ -121,12 +128,16 @@ def _torch_piece(
     grad: torch.Tensor,
     out: torch.Tensor | None,
     s: AdamScalars,
+    delta: torch.Tensor | None = None,
 ) -> None:
     g = grad.to(torch.float32) * s.grad_mul  # a new tensor: the caller's grad is never modified
-    master.mul_(s.decay)
     exp_avg.lerp_(g, s.one_minus_beta1)
     exp_avg_sq.mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
     denom = exp_avg_sq.sqrt().div_(s.bc2_sqrt).add_(s.eps)
+    if delta is not None:  # before the master changes: the direction uses the old value
+        d = (exp_avg * s.inv_bc1).div_(denom).add_(master, alpha=s.weight_decay).double()
+        delta += torch.stack([d.sum(), d.square().sum()])
+    master.mul_(s.decay)
     master.addcdiv_(exp_avg, denom, value=-s.step_size)
     if out is not None:
         out.copy_(master)
