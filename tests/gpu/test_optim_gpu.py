@@ -77,17 +77,20 @@ def test_triton_kernel_equals_torch_path(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_offload_on_gpu_equals_offload_on_cpu(dtype: torch.dtype) -> None:
-    """Same host arithmetic whatever the device: equal to the bit, through many small chunks."""
+    """Same host arithmetic whatever the device: equal to the bit, through many small chunks,
+    record_delta's statistics included."""
     cpu = make_params(SHAPES, dtype)
     gpu = _cuda(cpu)
-    oc = AdamOffloadOptimizer(cpu, chunk_numel=100_000, **HP)  # type: ignore[arg-type]
-    og = AdamOffloadOptimizer(gpu, chunk_numel=100_000, **HP)  # type: ignore[arg-type]
+    oc = AdamOffloadOptimizer(cpu, chunk_numel=100_000, record_delta=True, **HP)  # type: ignore[arg-type]
+    og = AdamOffloadOptimizer(gpu, chunk_numel=100_000, record_delta=True, **HP)  # type: ignore[arg-type]
     run_ours(oc, cpu, 1, 5)
     _run_cuda(og, gpu, 1, 5)
     for p, q in zip(cpu, gpu, strict=True):
-        for k in ("_param_fp32", "exp_avg", "exp_avg_sq"):
+        for k in ("_param_fp32", "exp_avg", "exp_avg_sq", "_delta_info"):
             assert torch.equal(oc.state[p][k], og.state[q][k]), k
         assert torch.equal(p.detach(), q.detach().cpu())
+    assert oc.get_avg_delta() == og.get_avg_delta() != 0.0
+    assert oc.get_var_delta() == og.get_var_delta() > 0.0
 
 
 def test_offload_orders_against_the_callers_stream() -> None:
