@@ -11,7 +11,9 @@ show the bandwidth rate):
 - ``torch fused offload job``: what the offload step needs done with torch's fused AdamW: the
   bf16 gradient cast into an fp32 ``.grad``, the fused step on the fp32 master, the master cast
   back into a bf16 parameter (the peer of ``native bf16``);
-- ``torch AdamW foreach`` and the default single-tensor path, for reference.
+- ``torch AdamW foreach`` and the default single-tensor path, for reference;
+- ``memory ceiling``: the C++ module's ``stream_probe``, Adam's loads and stores (28 bytes per
+  element) with one add instead of the arithmetic, on the same threads: no Adam can beat it.
 
 Once both stream from memory they move the same 28 bytes per element, so their ratio there
 tends to 1 whatever the arithmetic costs.
@@ -97,6 +99,11 @@ def bench_size(n: int, threads: int, iters: int, budget: float) -> dict[str, flo
         del st, g16, out
     else:
         print("  (the C++ kernel is not built: only torch peers)")
+    if mod is not None:
+        a, b, c, g = (torch.zeros(n) for _ in range(4))
+        ptrs = [t.data_ptr() for t in (a, b, c, g)]
+        add("memory ceiling", lambda: mod.stream_probe(*ptrs, n, threads))
+        del a, b, c, g
     add("torch AdamW fused", _torch_adamw(n, fused=True))
     add("torch fused offload job", _torch_offload_job(n))
     add("torch AdamW foreach", _torch_adamw(n, foreach=True))
@@ -127,8 +134,15 @@ def main() -> None:
     for n, results in by_size.items():
         ratio = results.get("native fp32", 0.0) / results["torch AdamW fused"]
         job = results.get("native bf16", 0.0) / results["torch fused offload job"]
+        ceiling = results.get("memory ceiling", 0.0)
+        roof = (
+            f"; of the memory ceiling: native fp32 {results['native fp32'] / ceiling:.0%}, "
+            f"torch fused {results['torch AdamW fused'] / ceiling:.0%}"
+            if ceiling
+            else ""
+        )
         print(f"native fp32 / torch AdamW fused at {n} elements: {ratio:.2f}x (target >= 2x); "
-              f"native bf16 / torch fused offload job: {job:.2f}x")
+              f"native bf16 / torch fused offload job: {job:.2f}x{roof}")
     if args.out:
         info = {
             "threads": threads,

@@ -218,3 +218,17 @@ def test_update_statistics_checks_its_buffer() -> None:
         cpu_adam_update(*state, grad, None, S, delta=torch.zeros(2))
     with pytest.raises(ValueError, match=r"delta of 2 elements \(sum and sum of squares\), got 3"):
         cpu_adam_update(*state, grad, None, S, delta=torch.zeros(3, dtype=torch.float64))
+
+
+def test_stream_probe_adds_the_gradient_to_three_arrays() -> None:
+    """The benchmarks' memory ceiling does the traffic it claims: three arrays read and written."""
+    mod = native_module()
+    assert mod is not None
+    n = 70_001
+    a, b, c, g = (torch.randn(n) for _ in range(4))
+    want = [t + g for t in (a, b, c)]
+    mod.stream_probe(a.data_ptr(), b.data_ptr(), c.data_ptr(), g.data_ptr(), n, 3)
+    for got, w in zip((a, b, c), want, strict=True):
+        assert torch.equal(got, w)
+    with pytest.raises(ValueError, match="num_threads >= 1, got n=8, num_threads=0"):
+        mod.stream_probe(a.data_ptr(), b.data_ptr(), c.data_ptr(), g.data_ptr(), 8, 0)

@@ -593,38 +593,79 @@ const int kAtFork = pthread_atfork(nullptr, nullptr, after_fork_child);
 constexpr int64_t kMinPerThread = 1 << 14;  // below this, thread hand-off costs more than it saves
 constexpr int64_t kTasksPerThread = 4;       // finer tasks balance the load when threads are delayed
 
+// How a run over n elements is cut: tasks of equal size on 16-element boundaries (only the last
+// one has a tail), at most `threads` threads.
+struct Split {
+  int64_t threads;
+  int64_t per;    // elements per task
+  int64_t tasks;
+};
+
+Split split_for(int64_t n, int num_threads) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, n / kMinPerThread));
+  if (threads == 1) return {1, n, 1};
+  const int64_t want = std::min<int64_t>(threads * kTasksPerThread, n / kMinPerThread);
+  const int64_t per = ((n + want - 1) / want + 15) / 16 * 16;
+  return {threads, per, (n + per - 1) / per};
+}
+
+// body(begin, end, task) for every task of `sp`, on the caller alone or with the pool.
+void run_split(const Split& sp, int64_t n, const std::function<void(int64_t, int64_t, int64_t)>& body) {
+  if (sp.threads == 1) {
+    body(0, n, 0);
+    return;
+  }
+  std::lock_guard<std::mutex> lk(g_run_mu);
+  if (!g_pool || g_pool->workers() < sp.threads - 1) {
+    delete g_pool;
+    g_pool = new Pool(static_cast<int>(sp.threads - 1));
+  }
+  g_pool->run(static_cast<int>(sp.threads), sp.tasks, [&](int64_t t) {
+    const int64_t b = t * sp.per;
+    body(b, std::min(n, b + sp.per), t);
+  });
+}
+
 // `stats`: nullptr, or two doubles to which the sum and the sum of squares of the update
 // direction are added.
 void run_job(const Job& job, int64_t n, int num_threads, double* stats) {
   const KernelFn fn = kernel_for(static_cast<Simd>(g_simd.load()));
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, n / kMinPerThread));
-  if (threads == 1) {
-    Stats st;
-    fn(job, 0, n, stats ? &st : nullptr);
-    if (stats) {
-      stats[0] += st.sum;
-      stats[1] += st.sum_sq;
-    }
-    return;
-  }
-  // Tasks of equal size on 16-element boundaries: only the last one has a tail.
-  const int64_t want = std::min<int64_t>(threads * kTasksPerThread, n / kMinPerThread);
-  const int64_t per = ((n + want - 1) / want + 15) / 16 * 16;
-  const int64_t tasks = (n + per - 1) / per;
-  std::lock_guard<std::mutex> lk(g_run_mu);
-  if (!g_pool || g_pool->workers() < threads - 1) {
-    delete g_pool;
-    g_pool = new Pool(static_cast<int>(threads - 1));
-  }
-  std::vector<Stats> per_task(stats ? tasks : 0);
-  g_pool->run(static_cast<int>(threads), tasks, [&](int64_t t) {
-    const int64_t b = t * per;
-    fn(job, b, std::min(n, b + per), stats ? &per_task[t] : nullptr);
-  });
+  const Split sp = split_for(n, num_threads);
+  std::vector<Stats> per_task(stats ? sp.tasks : 0);
+  run_split(sp, n, [&](int64_t b, int64_t e, int64_t t) { fn(job, b, e, stats ? &per_task[t] : nullptr); });
   for (const Stats& st : per_task) {  // in task order: the same sums whichever thread ran a task
     stats[0] += st.sum;
     stats[1] += st.sum_sq;
   }
+}
+
+// The memory roofline of the kernel: the same loads and stores as an fp32 Adam step (master,
+// exp_avg and exp_avg_sq read and written, grad read: 28 bytes an element), one add each, no
+// other arithmetic, split over the same threads. Benchmarks compare the Adam rate to this.
+#ifdef BMT_X86
+__attribute__((target("avx2,fma")))
+#endif
+void stream_range(float* __restrict__ a, float* __restrict__ b, float* __restrict__ c, const float* __restrict__ g,
+                  int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = g[i];
+    a[i] += x;
+    b[i] += x;
+    c[i] += x;
+  }
+}
+
+void stream_probe(uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t g, int64_t n, int num_threads) {
+  if (n < 0 || num_threads < 1)
+    throw std::invalid_argument("stream_probe needs n >= 0 and num_threads >= 1, got n=" + std::to_string(n) +
+                                ", num_threads=" + std::to_string(num_threads));
+  if (!a || !b || !c || !g) throw std::invalid_argument("stream_probe pointers must be non-null");
+  py::gil_scoped_release release;
+  auto* pa = reinterpret_cast<float*>(a);
+  auto* pb = reinterpret_cast<float*>(b);
+  auto* pc = reinterpret_cast<float*>(c);
+  const auto* pg = reinterpret_cast<const float*>(g);
+  run_split(split_for(n, num_threads), n, [&](int64_t s, int64_t e, int64_t) { stream_range(pa, pb, pc, pg, s, e); });
 }
 
 Dtype parse_dtype(int d, const char* what) {
@@ -677,6 +718,10 @@ PYBIND11_MODULE(_cpu_adam, m) {
         "Update n elements in place: master/exp_avg/exp_avg_sq (fp32), grad (dtype code), out (0 = none). "
         "stats (0 = none): two float64 to which the sum and sum of squares of the update direction "
         "m_hat / (sqrt(v_hat) + eps) + weight_decay * p are added.");
+  m.def("stream_probe", &stream_probe, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("g"), py::arg("n"),
+        py::arg("num_threads"),
+        "a += g, b += g, c += g over n fp32 elements: Adam's memory traffic without its arithmetic "
+        "(the bandwidth ceiling benchmarks compare the kernel to).");
   m.def("best_simd", [] { return std::string(simd_name(kBestSimd)); }, "Widest SIMD level this CPU supports.");
   m.def("simd", [] { return std::string(simd_name(static_cast<Simd>(g_simd.load()))); }, "SIMD level in use.");
   m.def("set_simd", &set_simd, py::arg("name"), "Use a SIMD level up to best_simd() (for tests and benchmarks).");
