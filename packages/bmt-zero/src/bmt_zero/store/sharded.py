@@ -8,7 +8,9 @@ Layout of a checkpoint directory::
 
 A piece is ``[start, end)`` of the flattened tensor (of its tensor-parallel slice for tp-split
 parameters). Loading reads, for each parameter, only the pieces that overlap this rank's new
-range, through safetensors' lazy slices. The directory is written under a temporary name and
+range, through safetensors' lazy slices. A tp-split parameter also loads at another tp size (or
+without tensor parallelism): each rank then assembles its new tp slice from the saved slices
+that overlap it along the split dimension, holding that one slice in host memory. The directory is written under a temporary name and
 renamed into place once complete, so a half-written checkpoint never has the final name.
 Ranks must share the filesystem that holds ``directory``.
 """
@@ -274,11 +276,40 @@ def _fill(target: torch.Tensor, start: int, end: int, info: Mapping[str, Any], t
     return covered
 
 
+class _Uncovered(Exception):
+    """The checkpoint's pieces leave elements of a tensor unwritten."""
+
+
+def _saved_slice(key: str, info: Mapping[str, Any], tp_rank: int, shape: torch.Size, reader: _Reader) -> torch.Tensor:
+    """Saved tensor-parallel slice ``tp_rank`` of ``key`` (slice 0: the whole of an unsplit one), whole."""
+    flat = torch.empty(shape.numel(), dtype=_dtype(info["dtype"]))
+    covered = _fill(flat, 0, flat.numel(), info, tp_rank, reader, key)
+    if covered != flat.numel():
+        raise _Uncovered(f"{key}: the checkpoint's pieces cover {covered} of tp slice {tp_rank}'s {flat.numel()} elements")
+    return flat.view(shape)
+
+
+def _saved_rows(key: str, info: Mapping[str, Any], saved_tp: int, dim: int, rows: range, reader: _Reader) -> torch.Tensor:
+    """Rows ``rows`` along ``dim`` of the whole tensor, from the saved slices that overlap them."""
+    saved_split = info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1
+    if not saved_split:
+        whole = _saved_slice(key, info, 0, torch.Size(info["shape"]), reader)
+        return whole.narrow(dim, rows.start, len(rows))
+    local = torch.Size(info["local_shape"])
+    per = local[dim]
+    parts = []
+    for r in range(rows.start // per, (rows.stop - 1) // per + 1):
+        a, b = max(rows.start, r * per), min(rows.stop, (r + 1) * per)
+        parts.append(_saved_slice(key, info, r, local, reader).narrow(dim, a - r * per, b - a))
+    return torch.cat(parts, dim)
+
+
 def _load_param(key: str, param: DistributedParameter, info: Mapping[str, Any], saved_tp: int,
                 reader: _Reader) -> str | None:
     tp = bmt_comm.get_context().comms.tp
     start, end = param._start_partition, param._end_partition
     target = param.data.view(-1)
+    split = _tp_split(param, tp.size)
     if info["kind"] == "replicated":
         full = reader.tensor(info["pieces"][0][0], key)
         if param._tp_mode and param._tp_split_dim >= 0:
@@ -287,15 +318,25 @@ def _load_param(key: str, param: DistributedParameter, info: Mapping[str, Any], 
         target.copy_(full.reshape(-1)[start:end])
         return None
     saved_split = info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1
-    split = _tp_split(param, tp.size)
-    if saved_split != split or (split and (saved_tp != tp.size or info["tp_split_dim"] != param._tp_split_dim)):
+    if saved_split and split and info["tp_split_dim"] != param._tp_split_dim:
         return (
-            f"{key}: saved tensor-parallel layout (tp_size={saved_tp}, split dim {info['tp_split_dim']}) "
-            f"differs from the model's (tp_size={tp.size}, split dim {param._tp_split_dim if split else -1})"
+            f"{key}: saved split along dim {info['tp_split_dim']} but the model splits it along dim "
+            f"{param._tp_split_dim}; a checkpoint loads only into the same layer layout"
         )
-    covered = _fill(target, start, end, info, tp.rank if split else 0, reader, key)
-    if covered != end - start:
-        return f"{key}: the checkpoint's pieces cover {covered} of this rank's {end - start} elements"
+    if saved_split == split and (not split or saved_tp == tp.size):  # the same layout: read the pieces
+        covered = _fill(target, start, end, info, tp.rank if split else 0, reader, key)
+        if covered != end - start:
+            return f"{key}: the checkpoint's pieces cover {covered} of this rank's {end - start} elements"
+        return None
+    # another tensor-parallel layout: build this tp rank's slice (the whole tensor if unsplit)
+    dim = param._tp_split_dim if split else int(info["tp_split_dim"])
+    size = param._original_shape[dim]
+    first = tp.rank * size if split else 0
+    try:
+        local = _saved_rows(key, info, saved_tp, dim, range(first, first + size), reader)
+    except _Uncovered as ex:
+        return str(ex)
+    target.copy_(local.reshape(-1)[start:end])
     return None
 
 
@@ -304,8 +345,13 @@ def _load_plain(key: str, tensor: torch.Tensor, info: Mapping[str, Any], saved_t
     if info["kind"] == "replicated":
         tensor.copy_(reader.tensor(info["pieces"][0][0], key))
         return None
-    if info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1:
-        return f"{key}: a tensor-parallel split parameter can't be loaded into a plain tensor"
+    if info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1:  # join the saved tp slices
+        dim = int(info["tp_split_dim"])
+        try:
+            tensor.copy_(_saved_rows(key, info, saved_tp, dim, range(tensor.shape[dim]), reader))
+        except _Uncovered as ex:
+            return str(ex)
+        return None
     numel = tensor.numel()
     full = torch.empty(numel, dtype=_dtype(info["dtype"]))
     if _fill(full, 0, numel, info, 0, reader, key) != numel:
