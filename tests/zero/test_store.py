@@ -277,3 +277,57 @@ def _check_spread_load(tmp: str) -> None:
 def test_load_children_spread_over_ranks(spawn, tmp_path):
     """``_bmt_children_everywhere``: bmt_zero.load walks children held by some ranks only."""
     spawn(_check_spread_load, str(tmp_path))
+
+
+def _check_spread_sharded_extra_state(tmp: str) -> None:
+    """save_sharded/load_sharded keep each module's get_extra_state() object (modules held by some
+    ranks only included): written once, in extra_state.pt, and handed to set_extra_state."""
+    import json
+
+    import bmt_comm
+    import bmt_zero
+
+    rank = bmt_comm.rank()
+    want = _spread_state()
+    whole = _Spread(-1, {})
+    for name in _HOLDERS:
+        whole.add_module(name, _Leaf())
+    whole.load_state_dict(want)
+    model = _Spread(rank, _HOLDERS)
+    model.load_state_dict({k: v for k, v in want.items() if k.split(".")[0] in model._modules or "." not in k},
+                          strict=False)
+    ckpt = os.path.join(tmp, "spread_sharded")
+    bmt_zero.save_sharded(model, ckpt)
+    meta = json.load(open(os.path.join(ckpt, "metadata.json")))
+    assert [k for k, _ in meta["extra_state"]["keys"]] == [f"{n}._extra_state" for n in _HOLDERS]
+    assert torch.load(os.path.join(ckpt, "extra_state.pt")) == {f"{n}._extra_state": {"note": f"layer {n}"}
+                                                                   for n in _HOLDERS}
+
+    fresh = _Spread(rank, _HOLDERS)
+    result = bmt_zero.load_sharded(fresh, ckpt)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    for name, leaf in fresh.named_children():
+        assert leaf.note == f"layer {name}", name
+        assert torch.equal(leaf.count, want[f"{name}.count"]), name
+
+    # a module without set_extra_state: its saved extra state is unexpected; the reverse is missing
+    class Plain(_Leaf):
+        get_extra_state = torch.nn.Module.get_extra_state
+        set_extra_state = torch.nn.Module.set_extra_state
+
+    odd = _Spread(rank, _HOLDERS)
+    if "c" in odd._modules:
+        odd.c = Plain()
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "c._extra_state"'):
+        bmt_zero.load_sharded(odd, ckpt)
+    result = bmt_zero.load_sharded(odd, ckpt, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == ([], ["c._extra_state"])
+    plain_ckpt = os.path.join(tmp, "plain_sharded")
+    bmt_zero.save_sharded(odd, plain_ckpt)
+    result = bmt_zero.load_sharded(_Spread(rank, _HOLDERS), plain_ckpt, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == (["c._extra_state"], [])
+
+
+@pytest.mark.world_size(3)
+def test_sharded_checkpoint_keeps_extra_state(spawn, tmp_path):
+    spawn(_check_spread_sharded_extra_state, str(tmp_path))

@@ -8,16 +8,17 @@ it, so the ranks' keys merge, sorted by path, into the order ``state_dict`` give
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .gathered import children_everywhere
 
-__all__ = ["Path", "KeyedTensor", "state_entries", "merge_keys"]
+__all__ = ["EXTRA_STATE_KEY", "KeyedModule", "KeyedTensor", "Path", "extra_state_entries", "merge_keys", "state_entries"]
 
 Path = tuple[int, ...]
+EXTRA_STATE_KEY = "_extra_state"  # torch's key for a module's get_extra_state()
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,12 @@ class KeyedTensor:
     tensor: torch.Tensor
 
 
-def state_entries(model: torch.nn.Module) -> list[KeyedTensor]:
-    """Parameters and persistent buffers held on this rank under their state-dict keys (a Block
-    adds no infix), in model order."""
-    out: dict[str, KeyedTensor] = {}
-    modules: dict[str, torch.nn.Module] = {}
+def _walk(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, Path]]:
+    """Every module held on this rank with its name and path (pre-order, duplicates included)."""
     paths: dict[str, Path] = {}
     counts: dict[str, int] = {}  # children of each module met so far (the walk is pre-order)
     spread: dict[str, list[str] | None] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
-        modules[mod_name] = module
         spread[mod_name] = children_everywhere(module)
         if mod_name:
             parent, _, name = mod_name.rpartition(".")
@@ -49,14 +46,45 @@ def state_entries(model: torch.nn.Module) -> list[KeyedTensor]:
             paths[mod_name] = paths[parent] + (index,)
         else:
             paths[mod_name] = ()
+        yield mod_name, module, paths[mod_name]
+
+
+def _own_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    own: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in module._parameters.items() if p is not None]
+    own += [(n, b) for n, b in module._buffers.items()
+            if b is not None and n not in module._non_persistent_buffers_set]
+    return own
+
+
+def state_entries(model: torch.nn.Module) -> list[KeyedTensor]:
+    """Parameters and persistent buffers held on this rank under their state-dict keys (a Block
+    adds no infix), in model order."""
+    out: dict[str, KeyedTensor] = {}
+    for mod_name, module, path in _walk(model):
         base = mod_name + "." if mod_name else ""
-        own = [(n, p) for n, p in module._parameters.items() if p is not None]
-        own += [(n, b) for n, b in module._buffers.items()
-                if b is not None and n not in module._non_persistent_buffers_set]
-        for j, (name, tensor) in enumerate(own):
+        for j, (name, tensor) in enumerate(_own_tensors(module)):
             key = base + name
             if key not in out:
-                out[key] = KeyedTensor(key, paths[mod_name] + (-1, j), tensor)
+                out[key] = KeyedTensor(key, path + (-1, j), tensor)
+    return list(out.values())
+
+
+@dataclass(frozen=True)
+class KeyedModule:
+    key: str  # "<module>._extra_state"
+    path: Path  # after the module's own tensors, as in ``state_dict``
+    module: torch.nn.Module
+
+
+def extra_state_entries(model: torch.nn.Module, hook: str) -> list[KeyedModule]:
+    """Modules held on this rank that override ``hook`` (``get_extra_state`` to save,
+    ``set_extra_state`` to load), under their ``_extra_state`` keys, in model order."""
+    out: dict[str, KeyedModule] = {}
+    for mod_name, module, path in _walk(model):
+        if getattr(type(module), hook) is getattr(torch.nn.Module, hook):
+            continue
+        key = (mod_name + "." if mod_name else "") + EXTRA_STATE_KEY
+        out.setdefault(key, KeyedModule(key, path + (-1, len(_own_tensors(module))), module))
     return list(out.values())
 
 

@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     metadata.json                           names, full shapes, dtypes, each rank's pieces
     rank-00000-of-00004.safetensors         rank 0's pieces + every non-sharded tensor
     rank-00001-of-00004.safetensors         ...
+    extra_state.pt                          modules' get_extra_state() objects (torch.save), if any
 
 A piece is ``[start, end)`` of the flattened tensor (of its tensor-parallel slice for tp-split
 parameters). Loading reads, for each parameter, only the pieces that overlap this rank's new
@@ -33,13 +34,14 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..parameter import DistributedParameter
 from .atomic import atomic_write, describe, replace_dir
-from .model_keys import KeyedTensor, Path, merge_keys, state_entries
+from .model_keys import KeyedTensor, Path, extra_state_entries, merge_keys, state_entries
 
 __all__ = ["save_sharded", "load_sharded", "shard_file_name", "METADATA_FILE", "FORMAT"]
 
 FORMAT = "bmt-zero-sharded"
 VERSION = 1
 METADATA_FILE = "metadata.json"
+EXTRA_STATE_FILE = "extra_state.pt"  # not tensors: safetensors can't hold them
 
 Piece = tuple[int, int, int]  # (tp rank, start, end)
 
@@ -149,6 +151,32 @@ def _merge(ranks: list[list[_Described]]) -> dict[str, dict[str, Any]]:
     return infos
 
 
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (through dicts, lists and tuples) copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _on_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+Extra = tuple[str, Path, Any]  # (key, path, the module's get_extra_state())
+
+
+def _merge_extra(ranks: list[list[Extra]]) -> tuple[list[list[Any]], dict[str, Any]]:
+    """The extra states of every rank: ``[[key, path], ...]`` in model order, and the objects
+    (from the lowest rank holding each key)."""
+    values: dict[str, Any] = {}
+    for extras in ranks:
+        for key, _, value in extras:
+            values.setdefault(key, value)
+    keys = merge_keys([(k, p) for k, p, _ in extras] for extras in ranks)
+    paths = {k: list(p) for extras in ranks for k, p, _ in extras}
+    return [[k, paths[k]] for k in keys], {k: values[k] for k in keys}
+
+
 def _settle(statuses: list[str | None], own: BaseException | None, what: str, tmp: str) -> None:
     """Raise a failure on every rank, once rank 0 has removed the temporary directory."""
     if any(statuses):
@@ -175,20 +203,25 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
     error: BaseException | None = None
     entries: list[KeyedTensor] = []
     described: list[_Described] = []
+    extras: list[Extra] = []
     try:
         if rank == 0:
             os.makedirs(tmp)
         entries = state_entries(model)
         described = _describe(entries, tp.rank)
+        extras = [(e.key, e.path, _on_cpu(e.module.get_extra_state()))
+                  for e in extra_state_entries(model, "get_extra_state")]
     except Exception as ex:
         error = ex
-    gathered = bmt_comm.allgather_objects((describe(error), described), world)
-    _settle([status for status, _ in gathered], error, "save_sharded", tmp)
+    gathered = bmt_comm.allgather_objects((describe(error), described, extras), world)
+    _settle([status for status, _, _ in gathered], error, "save_sharded", tmp)
     infos: dict[str, dict[str, Any]] = {}
     try:
-        infos = _merge([d for _, d in gathered])  # the same on every rank: all raise alike
+        infos = _merge([d for _, d, _ in gathered])  # the same on every rank: all raise alike
     except ValueError as ex:
         _settle([describe(ex)], ex, "save_sharded", tmp)
+    extra_keys, extra_values = _merge_extra([x for _, _, x in gathered])
+    del gathered, extras
 
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
@@ -215,6 +248,9 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
                 "format": FORMAT, "version": VERSION, "world_size": size, "tp_size": tp.size,
                 "files": [shard_file_name(r, size) for r in range(size)], "tensors": infos,
             }
+            if extra_keys:
+                atomic_write(os.path.join(tmp, EXTRA_STATE_FILE), lambda f: torch.save(extra_values, f))
+                metadata["extra_state"] = {"file": EXTRA_STATE_FILE, "keys": extra_keys}
 
             def write(f: BinaryIO) -> None:
                 f.write(json.dumps(metadata, indent=1).encode())
@@ -387,6 +423,17 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], stri
     reader = _Reader(path, metadata["files"])
     entries = state_entries(model)
     errors: list[str] = []
+    saved_extra = metadata.get("extra_state", {"file": EXTRA_STATE_FILE, "keys": []})
+    saved_extra_keys = [k for k, _ in saved_extra["keys"]]
+    extra_entries = extra_state_entries(model, "set_extra_state")
+    if any(x.key in saved_extra_keys for x in extra_entries):
+        try:
+            values = torch.load(os.path.join(path, saved_extra["file"]), map_location="cpu")
+            for x in extra_entries:
+                if x.key in values:
+                    x.module.set_extra_state(values[x.key])
+        except Exception as ex:  # reported with the other per-rank problems
+            errors.append(f"extra state: {describe(ex)}")
     with torch.no_grad():
         for e in entries:
             key, t = e.key, e.tensor
@@ -409,12 +456,14 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], stri
                 errors.append(message)
     # per-rank problems (pieces missing for one rank's range) become everyone's; the keys are the
     # whole model's (a pipeline stage holds its own layers only), so every rank reports alike
-    everyone = bmt_comm.allgather_objects((errors, [(e.key, e.path) for e in entries]), world)
+    held_keys = [(e.key, e.path) for e in entries] + [(x.key, x.path) for x in extra_entries]
+    everyone = bmt_comm.allgather_objects((errors, held_keys), world)
     errors = list(dict.fromkeys(m for rank_errors, _ in everyone for m in rank_errors))
     model_keys = merge_keys(keys for _, keys in everyone)
     held = set(model_keys)
-    missing = [k for k in model_keys if k not in saved]
-    unexpected = [k for k in saved if k not in held]
+    in_checkpoint = [*saved, *saved_extra_keys]
+    missing = [k for k in model_keys if k not in saved and k not in saved_extra_keys]
+    unexpected = [k for k in in_checkpoint if k not in held]
     if strict:
         if unexpected:
             errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
