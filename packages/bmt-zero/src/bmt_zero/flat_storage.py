@@ -274,8 +274,12 @@ class FlatBuffer:
         if self.state is not BufferState.GATHERED:
             raise RuntimeError(f"flat buffer {self.layout.key.name} must be gathered before binding, is {self.state.value}")
         grad_views = None if grads is None else self._views_of(grads)
+        # after zero_grad(set_to_none) on the flat parameter, the params' .grad are views of a
+        # buffer nobody else holds: drop them here (the next forward) so that buffer is freed
+        # before the backward allocates a new one, instead of living on beside it
+        dropped = self.shard.grad is None
         for i, p in enumerate(self.params):
-            self._stashed_grads[i] = p.grad
+            self._stashed_grads[i] = None if dropped else p.grad
             p.grad = None
             p.data = self._full_views[i]
             if grad_views is not None and p.requires_grad:
@@ -379,15 +383,13 @@ class FlatBuffer:
 
 
 def _is_view_at(t: torch.Tensor | None, base: torch.Tensor, offset: int, numel: int) -> bool:
-    if t is None:
+    """Whether ``t`` is ``base[offset : offset + numel]``. An empty ``t`` must still be a view of
+    ``base``: an empty view of an older buffer would keep that whole buffer alive."""
+    if t is None or t.numel() != numel:
         return False
-    if numel == 0:
-        return t.numel() == 0
-    return (
-        t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-        and t.storage_offset() == base.storage_offset() + offset
-        and t.numel() == numel
-    )
+    if t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+        return False
+    return numel == 0 or t.storage_offset() == base.storage_offset() + offset
 
 
 def _gather_param(p: DistributedParameter) -> torch.Tensor:
