@@ -48,7 +48,8 @@ class _Dtype(int, Enum):
     BF16 = 2
 
 
-_CODES = {torch.float32: _Dtype.F32, torch.float16: _Dtype.F16, torch.bfloat16: _Dtype.BF16}
+_CODES = {torch.float32: int(_Dtype.F32), torch.float16: int(_Dtype.F16), torch.bfloat16: int(_Dtype.BF16)}
+_FLOATS = tuple(_CODES)
 _warned = False  # the fallback warning is issued once per process
 
 
@@ -96,7 +97,7 @@ def default_num_threads() -> int:
 def _check(
     name: str, t: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ...], why: str = "as master"
 ) -> None:
-    if t.device.type != "cpu":
+    if not t.is_cpu:  # (not t.device.type: building the device object costs more than the rest)
         raise ValueError(f"CPU Adam expects {name} on the CPU, got a tensor on {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"CPU Adam expects a contiguous {name} (stride {t.stride()})")
@@ -130,9 +131,9 @@ def cpu_adam_update(
     _check("master", master, n, f32)
     _check("exp_avg", exp_avg, n, f32)
     _check("exp_avg_sq", exp_avg_sq, n, f32)
-    _check("grad", grad, n, tuple(_CODES))
+    _check("grad", grad, n, _FLOATS)
     if out is not None:
-        _check("out", out, n, tuple(_CODES))
+        _check("out", out, n, _FLOATS)
     if delta is not None:
         _check("delta", delta, 2, (torch.float64,), why="sum and sum of squares")
     if backend is None:
@@ -150,9 +151,9 @@ def cpu_adam_update(
         exp_avg.data_ptr(),
         exp_avg_sq.data_ptr(),
         grad.data_ptr(),
-        int(_CODES[grad.dtype]),
+        _CODES[grad.dtype],
         0 if out is None else out.data_ptr(),
-        int(_CODES[out.dtype]) if out is not None else int(_Dtype.F32),
+        _CODES[out.dtype] if out is not None else _CODES[torch.float32],
         n,
         s.decay,
         s.one_minus_beta1,
