@@ -18,6 +18,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..gather import gather_to
 from . import background
 from .atomic import atomic_write, describe
+from .report import finish_load
 from .view import DistributedStateDictWrapper
 
 __all__ = ["save", "load", "load_state_into", "children_everywhere", "_save_to_rank0", "_save_to_local_rank0"]
@@ -259,13 +260,4 @@ def load_state_into(model: torch.nn.Module, state: Mapping[str, Any], strict: bo
                 raise AssertionError("load_state_dict post hooks must not return a value; edit the keys in place")
 
     walk(model, state, "")
-    if strict:
-        if unexpected:
-            errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
-        if missing:
-            errors.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
-    if errors:
-        raise RuntimeError(
-            "Error(s) in loading state_dict for {}:\n\t{}".format(type(model).__name__, "\n\t".join(errors))
-        )
-    return _IncompatibleKeys(missing, unexpected)
+    return finish_load(model, missing, unexpected, errors, strict)

@@ -35,6 +35,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..parameter import DistributedParameter
 from .atomic import atomic_write, describe, replace_dir
 from .model_keys import KeyedTensor, Path, extra_state_entries, merge_keys, state_entries
+from .report import finish_load
 
 __all__ = ["save_sharded", "load_sharded", "shard_file_name", "METADATA_FILE", "FORMAT"]
 
@@ -464,13 +465,4 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], stri
     in_checkpoint = [*saved, *saved_extra_keys]
     missing = [k for k in model_keys if k not in saved and k not in saved_extra_keys]
     unexpected = [k for k in in_checkpoint if k not in held]
-    if strict:
-        if unexpected:
-            errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
-        if missing:
-            errors.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
-    if errors:
-        raise RuntimeError(
-            "Error(s) in loading state_dict for {}:\n\t{}".format(type(model).__name__, "\n\t".join(errors))
-        )
-    return _IncompatibleKeys(missing, unexpected)
+    return finish_load(model, missing, unexpected, errors, strict)
