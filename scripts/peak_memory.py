@@ -67,11 +67,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peer", choices=["bmt", "fsdp2"], default="bmt")
-    ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=4)
+    bt.add_model_args(ap)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     s = bt.Setup(dim=args.dim, heads=args.heads, layers=args.layers, seq=args.seq, batch=args.batch, steps=1, warmup=2)

@@ -128,15 +128,20 @@ def bench_fsdp2(s: Setup, x: torch.Tensor) -> tuple[float, float]:
     return _time(step, s)
 
 
-def main() -> None:
-    import bmt_comm
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The model and batch options (shared with scripts/peak_memory.py)."""
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4)
+
+
+def main() -> None:
+    import bmt_comm
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     s = Setup(**vars(ap.parse_args()))
