@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from bmt_optim.cpu_adam import native_available
+from bmt_optim.cpu_adam import native_available, native_error
 
 # A C++ compiler on this machine means the build hook should have built the extension: a missing
 # one is then a broken build, and the tests fail instead of skipping quietly.
@@ -23,6 +23,7 @@ def check_native_built() -> None:
     """Fail with the fix when a compiler exists but the extension is missing."""
     if not native_available():
         pytest.fail(
-            f"a C++ compiler ({_COMPILER}) is here but bmt_optim._cpu_adam is not importable: rebuild "
-            "with `pip install -e packages/bmt-optim --no-deps` or `python packages/bmt-optim/hatch_build.py --force`"
+            f"a C++ compiler ({_COMPILER}) is here but bmt_optim._cpu_adam is not importable "
+            f"({native_error()}): rebuild with `pip install -e packages/bmt-optim --no-deps` or "
+            "`python packages/bmt-optim/hatch_build.py --force` (`hatch run test` does the latter)"
         )

@@ -22,6 +22,7 @@ __all__ = [
     "cpu_adam_update",
     "default_num_threads",
     "native_available",
+    "native_error",
     "native_module",
     "warn_if_fallback",
 ]
@@ -55,6 +56,11 @@ _warned = False  # the fallback warning is issued once per process
 
 def native_available() -> bool:
     return _native is not None
+
+
+def native_error() -> str | None:
+    """Why ``bmt_optim._cpu_adam`` did not import (the ImportError's text), or None when it did."""
+    return _native_error
 
 
 def native_module() -> ModuleType | None:
