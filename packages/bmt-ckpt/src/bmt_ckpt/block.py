@@ -99,7 +99,13 @@ class Block(torch.nn.Module):
                     "Block(module, initialized=True) and call .reference(other_block)"
                 )
         named = [(n, p) for n, p in self._module.named_parameters() if isinstance(p, DistributedParameter)]
-        storage = FlatStorage(named, _comm_chooser(self._mode))
+        comms = bmt_comm.get_context().comms
+        storage = FlatStorage(
+            named,
+            _comm_chooser(self._mode),
+            agree_over=comms.pp_zero if self._mode is BlockMode.PIPE else comms.zero,
+            what=f"Block({type(self._module).__name__})",
+        )
         self._runtime = BlockRuntime(SharedStorage(storage), self._policy)
 
     def reference(self, block: Block) -> None:

@@ -24,6 +24,7 @@ import bmt_comm
 import torch
 from bmt_comm import Communicator
 
+from .agreement import check_agreement
 from .parameter import DistributedParameter
 
 __all__ = [
@@ -402,6 +403,51 @@ def _gather_param(p: DistributedParameter) -> torch.Tensor:
     return out[: part.numel]
 
 
+def _describe(layout: FlatLayout, params: Sequence[DistributedParameter]) -> list[str]:
+    return [
+        f"{slot.name}: shape {tuple(slot.shape)}, tp_split_dim {p._tp_split_dim}"
+        for slot, p in zip(layout.slots, params, strict=True)
+    ]
+
+
+def _check_plans_agree(
+    plans: Sequence[tuple[FlatLayout, Sequence[DistributedParameter], Communicator]],
+    over: Communicator | None,
+    what: str,
+) -> None:
+    """Before any collective of the build: the ranks of ``over`` agree on the buffers (and on the
+    parameters of those over ``over`` itself), then each other buffer's group on its parameters."""
+    if over is None:
+        groups = {c.global_ranks for _, _, c in plans}
+        if len(groups) > 1:
+            raise ValueError(f"{what} spans {len(groups)} groups: pass agree_over, a group holding them all")
+        if not plans:
+            return  # nothing to build: no collective follows
+        over = plans[0][2]
+    head: list[str] = []
+    for layout, params, comm in plans:
+        head.append(f"buffer {layout.key.name} over {comm.size} ranks")
+        if comm.global_ranks == over.global_ranks:
+            head += _describe(layout, params)
+    check_agreement(head, over, what)
+    others = [(layout, params, comm) for layout, params, comm in plans if comm.global_ranks != over.global_ranks]
+    if not others:
+        return
+    error: ValueError | None = None
+    for layout, params, comm in others:
+        try:
+            check_agreement(_describe(layout, params), comm, f"{what} (buffer {layout.key.name})")
+        except ValueError as exc:
+            error = error or exc
+    # every rank of ``over`` learns of a disagreement inside a subgroup, instead of going on alone
+    failed = torch.tensor([float(error is not None)], device=over.device)
+    over.all_reduce(failed, "max")
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ValueError(f"{what}: the ranks of another subgroup of {list(over.global_ranks)} disagree (raised there)")
+
+
 class FlatStorage:
     """The flat buffers of a set of parameters, one per ``BufferKey`` in order of first appearance."""
 
@@ -410,7 +456,13 @@ class FlatStorage:
         named_params: Sequence[tuple[str, DistributedParameter]],
         comm_for: Callable[[DistributedParameter], Communicator],
         build_chunk_numel: int | None = None,
+        *,
+        agree_over: Communicator | None = None,
+        what: str = "a flat storage",
     ) -> None:
+        """``agree_over``: a group holding every buffer's group (a Block's zero group), over which
+        the ranks first check that they describe the storage alike (``check_agreement``); None
+        when all parameters use one communicator, which is then that group."""
         groups: dict[BufferKey, list[tuple[str, DistributedParameter]]] = {}
         for name, p in named_params:
             if not isinstance(p, DistributedParameter):
@@ -418,18 +470,22 @@ class FlatStorage:
             if p._in_block:
                 raise ValueError(f"parameter '{name}' already lives in another flat storage (a Block)")
             groups.setdefault(BufferKey.of(p), []).append((name, p))
-        self.buffers: list[FlatBuffer] = []
-        self._where: dict[str, tuple[FlatBuffer, int]] = {}
+        plans: list[tuple[FlatLayout, list[DistributedParameter], Communicator]] = []
         for key, members in groups.items():
             comms = {id(comm_for(p)): comm_for(p) for _, p in members}
             if len(comms) != 1:
                 raise ValueError(f"parameters of flat buffer {key.name} use {len(comms)} different communicators")
             comm = next(iter(comms.values()))
             layout = plan_layout(key, [(name, p._original_shape) for name, p in members], comm.size)
-            buf = FlatBuffer(layout, [p for _, p in members], comm, build_chunk_numel)
+            plans.append((layout, [p for _, p in members], comm))
+        _check_plans_agree(plans, agree_over, what)
+        self.buffers: list[FlatBuffer] = []
+        self._where: dict[str, tuple[FlatBuffer, int]] = {}
+        for layout, params, comm in plans:
+            buf = FlatBuffer(layout, params, comm, build_chunk_numel)
             self.buffers.append(buf)
-            for i, (name, _) in enumerate(members):
-                self._where[name] = (buf, i)
+            for i, slot in enumerate(layout.slots):
+                self._where[slot.name] = (buf, i)
 
     @property
     def state(self) -> BufferState:

@@ -1,0 +1,52 @@
+"""Ranks that build one sharded structure together must describe it alike, checked before its
+collectives: a flat storage whose ranks disagree on a shape or a dtype would otherwise be built
+from mismatched collectives (a crash inside the transport, a hang on NCCL, or silently wrong
+shards when the sizes happen to match).
+
+Each rank hashes its description; one all-gather of the 8-byte hashes compares them. Only on a
+mismatch do the descriptions themselves travel, so every rank raises the same error, naming the
+first entry where two ranks differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import bmt_comm
+import torch
+from bmt_comm import Communicator
+
+__all__ = ["check_agreement"]
+
+
+def _digest(description: Sequence[str]) -> int:
+    raw = hashlib.blake2b("\n".join(description).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def check_agreement(description: Sequence[str], comm: Communicator, what: str) -> None:
+    """Collective over ``comm``: raise ValueError on every rank unless all hold the same ``description``."""
+    if comm.size == 1:
+        return
+    mine = torch.tensor([_digest(description)], dtype=torch.int64, device=comm.device)
+    everyone = torch.empty(comm.size, dtype=torch.int64, device=comm.device)
+    comm.all_gather(mine, everyone)
+    if len(set(everyone.tolist())) == 1:
+        return
+    described: list[list[str]] = bmt_comm.allgather_objects(list(description), comm)
+    ranks = comm.global_ranks
+    first = described[0]
+    other = next(r for r in range(comm.size) if described[r] != first)
+    theirs = described[other]
+    at = next((i for i, (a, b) in enumerate(zip(first, theirs, strict=False)) if a != b), min(len(first), len(theirs)))
+    raise ValueError(
+        f"{what} must be built alike on every rank of its group (ranks {list(ranks)}), but rank "
+        f"{ranks[0]} and rank {ranks[other]} differ at entry {at}: "
+        f"{_entry(first, at)} vs {_entry(theirs, at)} "
+        f"({len(first)} vs {len(theirs)} entries); build the same modules, shapes and dtypes on every rank"
+    )
+
+
+def _entry(description: Sequence[str], at: int) -> str:
+    return repr(description[at]) if at < len(description) else "<nothing>"
