@@ -197,6 +197,12 @@ def _check_init(expected_draws: tuple[list[float], float, float]) -> tuple[list[
             bmt_comm.init_distributed()
     finally:
         os.environ["WORLD_SIZE"] = str(n)
+    if n > 1:  # ranks that disagree all raise, naming the argument and a differing rank
+        last = r == n - 1
+        with pytest.raises(ValueError, match=rf"same seed on every rank, but rank 0 has seed=0 and rank {n - 1} has seed=5"):
+            bmt_comm.init_distributed(seed=5 if last else 0)
+        with pytest.raises(ValueError, match=rf"same tp_size on every rank, but rank 0 has tp_size=1 and rank {n - 1} has tp_size=2"):
+            bmt_comm.init_distributed(tp_size=2 if last else 1)
     assert not bmt_comm.is_initialized()
 
     # re-init with another layout: new groups, and they work

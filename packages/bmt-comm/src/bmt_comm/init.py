@@ -6,6 +6,7 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,6 +98,24 @@ def _default_store() -> Store | None:
         return _get_default_store()
     except Exception:  # some backends have no store reachable
         return None
+
+
+def _check_same_arguments(args: dict[str, int], topo: Topology) -> None:
+    """Every rank must pass the same layout and seed: one object all-gather on the default group,
+    before any group is made from a topology the ranks might not share (a hang or a crash there)."""
+    if topo.world_size == 1:
+        return
+    everyone: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(everyone, args)
+    first: dict[str, int] = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        for key, value in theirs.items():
+            if value != first[key]:
+                hint = " (seed each rank differently with torch.manual_seed after init)" if key == "seed" else ""
+                raise ValueError(
+                    f"init_distributed() must get the same {key} on every rank, but rank 0 has "
+                    f"{key}={first[key]} and rank {rank} has {key}={value}{hint}"
+                )
 
 
 def _distinct_rank_sets(topo: Topology) -> list[tuple[int, ...]]:
@@ -233,6 +252,7 @@ def init_distributed(
     owns = _ensure_default_group(env, init_method, device)
     object_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
     try:
+        _check_same_arguments({"pipe_size": pipe, "tp_size": tp, "num_micro_batches": micros, "seed": seed}, topo)
         store = _default_store()
         object_groups = _object_groups(topo, device)
         comms = _build_communicators(topo, device, backend, store, object_groups)
