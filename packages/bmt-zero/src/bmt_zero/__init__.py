@@ -8,6 +8,7 @@ from .init_params import init_parameters
 from .module import DistributedModule
 from .parameter import DistributedParameter, InitMethod, ParameterInitializer
 from .partition import Partition
+from .reads import reused_gathers
 from .store import load, load_sharded, save, save_sharded
 from .wrapper import make_distributed
 
@@ -27,6 +28,7 @@ __all__ = [
     "load_sharded",
     "make_distributed",
     "nn",
+    "reused_gathers",
     "save",
     "save_sharded",
 ]

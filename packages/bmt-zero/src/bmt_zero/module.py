@@ -11,6 +11,7 @@ import torch
 
 from .gather import gather_for_state, keeps_state, tp_chunk
 from .parameter import DistributedParameter
+from .reads import enter_scope, exit_scope, read_full
 
 __all__ = ["DistributedModule", "ShardSource", "load_distributed_param", "load_plain_tensor", "is_block"]
 
@@ -113,15 +114,22 @@ class DistributedModule(torch.nn.Module):
     """A module holding DistributedParameters.
 
     Reading ``self.<param>`` outside a Block gives the gathered, differentiable full tensor (a
-    collective on every read); inside a Block, the parameter itself (full during the Block's
+    collective: gathered once per outermost module call and reused there, see ``reads``); inside a Block, the parameter itself (full during the Block's
     forward and backward). ``state_dict()`` gives full tensors, keyed as the unsharded module's;
     ``load_state_dict()`` takes full tensors and keeps each rank's shard.
     """
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        token = enter_scope()  # reads in this call (and calls inside it) share one gather each
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            exit_scope(token)
+
     def __getattr__(self, name: str) -> Any:
         value = super().__getattr__(name)
         if isinstance(value, DistributedParameter) and not value._in_block:
-            return value.gather()
+            return read_full(value)
         return value
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

@@ -1,0 +1,65 @@
+"""Reads of DistributedParameters outside Blocks: one all-gather per parameter per forward.
+
+BMTrain 1.0.1 all-gathered on every attribute read: a tied embedding read twice in one forward
+was gathered twice, and its gradient reduce-scattered twice. Here a read inside a
+DistributedModule's call reuses the full tensor that an earlier read in the same outermost call
+gathered (in the same grad mode), and autograd sums both uses' gradients into one
+reduce-scatter. The reuse ends with the outermost call, so a read after an optimizer step sees
+the new values. Like the root of an FSDP2 model, these full tensors live until the outermost
+forward returns (autograd keeps what backward needs after that).
+
+``reused_gathers()`` widens the scope by hand, e.g. around a decoding loop under ``no_grad``: one
+gather per parameter for the whole loop, on the promise that no parameter changes inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar, Token
+
+import torch
+
+from .parameter import DistributedParameter
+
+__all__ = ["reused_gathers", "read_full", "enter_scope", "exit_scope"]
+
+# (id(param), grad enabled, inference mode) -> (param, its full tensor); None outside any scope.
+# The param itself is kept in the value so that its id cannot be reused while the entry lives.
+_Cache = dict[tuple[int, bool, bool], tuple[DistributedParameter, torch.Tensor]]
+_SCOPE: ContextVar[_Cache | None] = ContextVar("bmt_zero_reused_gathers", default=None)
+
+
+def enter_scope() -> Token[_Cache | None] | None:
+    """Open a scope unless one is open (then None: the outer one keeps the gathered tensors)."""
+    if _SCOPE.get() is not None:
+        return None
+    return _SCOPE.set({})
+
+
+def exit_scope(token: Token[_Cache | None] | None) -> None:
+    if token is not None:
+        _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def reused_gathers() -> Iterator[None]:
+    """Inside, each DistributedParameter read outside a Block is all-gathered once (per grad
+    mode) and then reused; the parameters must not change until the block exits."""
+    token = enter_scope()
+    try:
+        yield
+    finally:
+        exit_scope(token)
+
+
+def read_full(param: DistributedParameter) -> torch.Tensor:
+    """The full, differentiable tensor of ``param``: the scope's earlier gather, or a new one."""
+    cache = _SCOPE.get()
+    if cache is None:
+        return param.gather()
+    key = (id(param), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = (param, param.gather())
+    return hit[1]
