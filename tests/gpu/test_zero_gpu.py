@@ -161,3 +161,15 @@ def _peak_memory() -> dict[str, float]:
 
 def test_peak_memory_of_a_model_built_from_shapes(spawn):
     print("\nGPU memory while building a 1 GiB model from shapes at world size 2:", spawn(_peak_memory))
+
+
+def test_parameter_reads_and_block_agreement_on_nccl(spawn):
+    """One gather per parameter per call (counted on the NCCL communicator), and ranks that build a
+    storage differently get the same error (hashes over NCCL, descriptions over gloo)."""
+    from tests.zero.test_agreement import _storage_of
+    from tests.zero.test_reads import _tied_model_reads
+
+    spawn(_tied_model_reads)
+    errors = spawn(_storage_of, "shape")
+    assert errors[0] == errors[1] and "'b: shape (5,), tp_split_dim -1' vs 'b: shape (6,)" in errors[0][0], errors
+    assert spawn(_storage_of, "same") == [[], []]
