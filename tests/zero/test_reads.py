@@ -136,6 +136,14 @@ def _tied_model_reads() -> None:
     assert counts == Counter(all_gather=2), counts
     assert losses[0].item() == losses[1].item() == losses[2].item()
 
+    # reuse off (1.0.1's reads), also inside a scope that reuses: a gather and a reduce-scatter per read
+    counts.clear()
+    with bmt_zero.reused_gathers(), bmt_zero.reused_gathers(False):
+        off = model(ids)
+    off.backward()
+    assert counts == Counter(all_gather=3, reduce_scatter=3), counts
+    torch.testing.assert_close(off.cpu(), changed, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_one_gather_per_parameter_per_call(spawn, world_size):

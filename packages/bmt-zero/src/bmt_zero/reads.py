@@ -10,6 +10,9 @@ forward returns (autograd keeps what backward needs after that).
 
 ``reused_gathers()`` widens the scope by hand, e.g. around a decoding loop under ``no_grad``: one
 gather per parameter for the whole loop, on the promise that no parameter changes inside it.
+``reused_gathers(False)`` turns reuse off inside (1.0.1's behaviour: each read gathers, and its
+full tensor is freed as soon as nothing uses it), for a large untied embedding whose full table
+should not stay alive through the forward.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from .parameter import DistributedParameter
 
 __all__ = ["reused_gathers", "read_full", "enter_scope", "exit_scope"]
 
-# (id(param), grad enabled, inference mode) -> (param, its full tensor); None outside any scope.
-# The param itself is kept in the value so that its id cannot be reused while the entry lives.
+# (id(param), grad enabled, inference mode) -> (param, its full tensor); None outside any scope,
+# _OFF inside reused_gathers(False). The param itself is kept in the value so that its id cannot
+# be reused while the entry lives.
 _Cache = dict[tuple[int, bool, bool], tuple[DistributedParameter, torch.Tensor]]
+_OFF: _Cache = {}  # a scope without reuse: nothing is ever stored in it
 _SCOPE: ContextVar[_Cache | None] = ContextVar("bmt_zero_reused_gathers", default=None)
 
 
@@ -43,10 +48,11 @@ def exit_scope(token: Token[_Cache | None] | None) -> None:
 
 
 @contextlib.contextmanager
-def reused_gathers() -> Iterator[None]:
+def reused_gathers(enabled: bool = True) -> Iterator[None]:
     """Inside, each DistributedParameter read outside a Block is all-gathered once (per grad
-    mode) and then reused; the parameters must not change until the block exits."""
-    token = enter_scope()
+    mode) and then reused; the parameters must not change until the block exits. With
+    ``enabled=False``, every read inside gathers anew (module calls inside open no scope)."""
+    token = _SCOPE.set(_OFF) if not enabled else enter_scope()
     try:
         yield
     finally:
@@ -56,7 +62,7 @@ def reused_gathers() -> Iterator[None]:
 def read_full(param: DistributedParameter) -> torch.Tensor:
     """The full, differentiable tensor of ``param``: the scope's earlier gather, or a new one."""
     cache = _SCOPE.get()
-    if cache is None:
+    if cache is None or cache is _OFF:
         return param.gather()
     key = (id(param), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
     hit = cache.get(key)
