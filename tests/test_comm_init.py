@@ -232,3 +232,34 @@ def test_init_reuse_seed_reinit(spawn, world_size):
         np.random.set_state(state[2])
     draws = spawn(_check_init, expected)
     assert draws == [expected] * world_size
+
+
+
+def _released_at_exit() -> bool:
+    import bmt_comm
+    import torch.distributed as dist
+    from bmt_comm.init import _release_at_exit
+
+    assert bmt_comm.is_initialized()
+    _release_at_exit()  # what the interpreter runs at exit when the script never called destroy()
+    _release_at_exit()  # and nothing more when it did
+    return not bmt_comm.is_initialized() and dist.is_initialized()  # the harness's own group stays
+
+
+@pytest.mark.world_size(2)
+def test_groups_are_released_at_exit(spawn):
+    assert spawn(_released_at_exit) == [True, True]
+
+
+def test_lone_process_releases_its_default_group_at_exit():
+    code = (
+        "import torch.distributed as dist, bmt_comm\n"
+        "from bmt_comm.init import _release_at_exit\n"
+        "bmt_comm.init_distributed()\n"
+        "assert dist.is_initialized()\n"
+        "_release_at_exit()\n"
+        "assert not dist.is_initialized() and not bmt_comm.is_initialized()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

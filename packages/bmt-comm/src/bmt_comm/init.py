@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,6 +296,28 @@ def _release_groups(object_groups: dict[tuple[int, ...], dist.ProcessGroup], own
             dist.destroy_process_group(pg)
     if owns_default:
         dist.destroy_process_group()
+
+
+def _release_at_exit() -> None:
+    """At interpreter exit, release what ``init_distributed`` made and the script did not
+    (1.0.1 scripts never call ``destroy``): gloo groups still alive while the process exits can
+    abort it ("terminate called without an active exception", exit -6 under torchrun). NCCL
+    communicators are aborted, not destroyed, as a peer may already be gone."""
+    if not is_initialized():
+        return
+    ctx = get_context()
+    _set_context(None)
+    try:
+        for comm in ctx.comms.unique():
+            abort = getattr(comm, "abort", None)
+            abort() if callable(abort) else comm.close()
+        _release_groups(ctx.object_groups, ctx.owns_default_group)
+    except Exception as exc:  # the process is ending: say so, but let it end
+        print(f"bmt_comm: releasing the process groups at exit failed: {exc!r}", file=sys.stderr)
+
+
+# registered at import, before bmt_zero's wait for a background save, so it runs after that wait
+atexit.register(_release_at_exit)
 
 
 def destroy() -> None:
