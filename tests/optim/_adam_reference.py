@@ -1,4 +1,4 @@
-"""Shared pieces of the Adam tests: random problems and torch.optim.AdamW as the reference."""
+"""Shared pieces of the Adam tests: random problems and torch's Adam/AdamW as the reference."""
 
 from __future__ import annotations
 
@@ -42,11 +42,16 @@ def run_reference(
     hold_steps: int = 0,
     maximize: bool = False,
     scale: float = SCALE,
+    decoupled: bool = False,
     **hp: Any,
 ) -> list[torch.Tensor]:
-    """torch.optim.AdamW on fp32 copies of ``params`` fed the gradients our optimizer sees."""
+    """torch's optimizer on fp32 copies of ``params`` fed the gradients our optimizer sees.
+
+    The reference is the one the documented rule names: ``torch.optim.Adam`` (L2 decay) for fp32
+    parameters, ``torch.optim.AdamW`` for fp16/bf16 ones or with ``decoupled``.
+    """
     ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
-    opt = torch.optim.AdamW(ref, maximize=maximize, **{**HP, **hp})
+    opt = reference_class(params[0].dtype, decoupled)(ref, maximize=maximize, **{**HP, **hp})
     lr = opt.param_groups[0]["lr"]
     for t in range(1, steps + 1):
         seen = [(g * scale).to(p.dtype).float() / scale for p, g in zip(params, grads_for(params, t), strict=True)]
@@ -55,6 +60,10 @@ def run_reference(
         opt.param_groups[0]["lr"] = 0.0 if t <= hold_steps else lr
         opt.step()
     return [r.detach() for r in ref]
+
+
+def reference_class(dtype: torch.dtype, decoupled: bool = False) -> type[torch.optim.Optimizer]:
+    return torch.optim.AdamW if decoupled or dtype != torch.float32 else torch.optim.Adam
 
 
 def run_ours(opt: torch.optim.Optimizer, params: list[torch.Tensor], first: int, last: int, scale: float = SCALE) -> None:

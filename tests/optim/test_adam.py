@@ -1,4 +1,4 @@
-"""AdamOptimizer against torch.optim.AdamW: dtypes, master copy, hold_steps, maximize, state, errors."""
+"""AdamOptimizer against torch.optim.Adam (fp32) and AdamW: dtypes, master copy, hold_steps, maximize, state, errors."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ FP32_TOL = dict(rtol=1e-6, atol=1e-7)
 
 def check_against_adamw(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, steps: int = 20,
                         exact: bool = False, tol: dict[str, float] | None = None, **ref_kw: object) -> None:
-    """Our master equals AdamW run in fp32 on the fp32 master; the param is the master cast."""
+    """Our master equals torch's optimizer run in fp32 on the fp32 master (Adam for fp32 params, AdamW
+    for fp16/bf16 or with ``decoupled=True``); the param is the master cast."""
     start = [p.detach().clone() for p in params]
     run_ours(opt, params, 1, steps)
     ref = run_reference(start, steps, **ref_kw)  # type: ignore[arg-type]
@@ -43,12 +44,13 @@ def check_against_adamw(params: list[torch.nn.Parameter], opt: torch.optim.Optim
         assert torch.equal(p.detach(), m.to(p.dtype)), "the parameter must be its master rounded to its dtype"
 
 
+@pytest.mark.parametrize("decoupled", [False, True], ids=["l2", "decoupled"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_adamw_20_steps(dtype: torch.dtype) -> None:
+def test_matches_torch_20_steps(dtype: torch.dtype, decoupled: bool) -> None:
     params = make_params(SHAPES, dtype)
-    opt = AdamOptimizer(params, **HP)  # type: ignore[arg-type]
-    # the CPU path is torch ops in AdamW's order: equal to the last bit
-    check_against_adamw(params, opt, exact=True)
+    opt = AdamOptimizer(params, decoupled_weight_decay=decoupled, **HP)  # type: ignore[arg-type]
+    # fp32: torch's own functional; fp16/bf16 on CPU: torch ops in AdamW's order: equal to the last bit
+    check_against_adamw(params, opt, exact=True, decoupled=decoupled)
     st = opt.state[params[0]]
     assert st["step"] == 20 and st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
     assert ("_param_fp32" in st) == (dtype != torch.float32)

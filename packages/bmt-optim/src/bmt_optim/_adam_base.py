@@ -1,9 +1,13 @@
 """What AdamOptimizer and AdamOffloadOptimizer share: checks, the step loop, state loading.
 
-Both implement AdamW (decoupled weight decay) for every parameter dtype, with the same
-``hold_steps`` rule: the first ``hold_steps`` calls to ``step`` update the moments and the step
-count but use a learning rate of 0 (so no decay either). ``maximize`` is a per-group flag.
-Moments are unscaled fp32 whatever the loss scale, so ``_on_justify_scale`` has nothing to do.
+As in BMTrain 1.0.1, fp32 parameters get torch's own Adam update (L2 weight decay added to the
+gradient: bitwise ``torch.optim.Adam``), and fp16/bf16 parameters the fused update of an fp32
+master with decoupled weight decay. ``decoupled_weight_decay=True`` (a per-group flag, named as
+torch names it) makes the fp32 update ``torch.optim.AdamW``'s, so every dtype decays alike.
+Both share one ``hold_steps`` rule: the first ``hold_steps`` calls to ``step`` update the
+moments and the step count but use a learning rate of 0 (so no decay either). ``maximize`` is
+a per-group flag. Moments are unscaled fp32 whatever the loss scale, so ``_on_justify_scale``
+has nothing to do.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from ._offload_state import gather_state, slice_whole
+from ._torch_adam import TorchAdamArgs
 from .kernels_adam import SUPPORTED_DTYPES, AdamScalars
 
 __all__ = ["AdamBase", "ParamsT", "STATE_TENSORS"]
@@ -43,8 +48,9 @@ def check_hyper_params(group: Mapping[str, Any]) -> None:
     for i, b in enumerate(betas):
         ok = isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
         _check_number(f"beta{i + 1}", b, "in [0, 1)", ok)
-    if not isinstance(group.get("maximize", False), bool):
-        raise TypeError(f"Adam maximize must be a bool, got {group['maximize']!r}")
+    for flag in ("maximize", "decoupled_weight_decay"):
+        if not isinstance(group.get(flag, False), bool):
+            raise TypeError(f"Adam {flag} must be a bool, got {group[flag]!r}")
 
 
 def check_param(p: torch.Tensor, where: str) -> None:
@@ -76,10 +82,14 @@ class AdamBase(torch.optim.Optimizer):
         hold_steps: int = 0,
         *,
         maximize: bool = False,
+        decoupled_weight_decay: bool = False,
     ) -> None:
         if isinstance(hold_steps, bool) or not isinstance(hold_steps, int) or hold_steps < 0:
             raise ValueError(f"Adam hold_steps must be an int >= 0, got {hold_steps!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
         check_hyper_params(defaults)
         self._hold_steps = hold_steps
         super().__init__(params, defaults)
@@ -108,6 +118,21 @@ class AdamBase(torch.optim.Optimizer):
             step=step,
             scale=scale,
             maximize=bool(group.get("maximize", False)),
+        )
+
+    def _torch_args(self, group: Mapping[str, Any], step: int, scale: float) -> TorchAdamArgs:
+        """The arguments of torch's Adam functional for an fp32 parameter's update ``step``."""
+        beta1, beta2 = group["betas"]
+        return TorchAdamArgs(
+            lr=0.0 if step <= self._hold_steps else float(group["lr"]),  # the same hold rule
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            maximize=bool(group.get("maximize", False)),
+            decoupled=bool(group.get("decoupled_weight_decay", False)),
+            step=step,
+            scale=scale,
         )
 
     def _params_to_update(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:

@@ -17,12 +17,14 @@ from typing import NamedTuple
 
 import torch
 
+from ._torch_adam import TorchAdamArgs
 from .kernels_adam import AdamScalars
 
-__all__ = ["OffloadItem", "OffloadPipeline", "UpdateFn"]
+__all__ = ["OffloadItem", "OffloadPipeline", "UpdateFn", "UpdateScalars"]
 
+UpdateScalars = AdamScalars | TorchAdamArgs  # the fused kernel's constants, or torch's Adam arguments (fp32)
 UpdateFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdamScalars, torch.Tensor | None], None
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, UpdateScalars, torch.Tensor | None], None
 ]  # (master, exp_avg, exp_avg_sq, grad, out, scalars, delta): the CPU Adam on host tensors
 
 
@@ -34,7 +36,7 @@ class OffloadItem(NamedTuple):
     master: torch.Tensor  # 1-D fp32 host master copy
     exp_avg: torch.Tensor  # 1-D fp32 host
     exp_avg_sq: torch.Tensor  # 1-D fp32 host
-    scalars: AdamScalars
+    scalars: UpdateScalars
     delta: torch.Tensor | None = None  # float64 [sum, sum of squares] of the update direction, or None
 
 

@@ -6,12 +6,15 @@ three stages overlapping (see ``_offload_pipeline``). Works on CPU parameters wi
 
 Host state is ordinary (pageable) memory: only the small staging ring is pinned, because only it
 is read or written by DMA; pinning 12 bytes per element of state would slow allocation and tie
-up locked memory for nothing. Same deliberate differences from BMTrain 1.0.1 as ``AdamOptimizer``
-(decoupled decay for all dtypes, one ``hold_steps`` rule, per-group ``maximize``).
+up locked memory for nothing. As in BMTrain 1.0.1, fp32 parameters get torch's own Adam update
+on the host master (L2 decay; ``torch.optim.AdamW``'s with ``decoupled_weight_decay=True``),
+fp16/bf16 ones the C++ kernel's decoupled update. Same deliberate differences from 1.0.1 as
+``AdamOptimizer`` (one ``hold_steps`` rule, per-group ``maximize``).
 
 ``record_delta=True`` records, in the same pass over the state, the mean and variance of the
 update direction ``m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` (p before the step; the lr is
-not in it): per parameter in ``state[p]["_delta_info"]`` = float32 ``[mean, var, sum, sum_sq]``,
+not in it; for an fp32 parameter without decoupled decay the L2 term is inside ``m_hat``, so the
+direction is the first term only): per parameter in ``state[p]["_delta_info"]`` = float32 ``[mean, var, sum, sum_sq]``,
 and over all parameters stepped by the last ``step`` in ``get_avg_delta()``/``get_var_delta()``.
 They describe this rank's shards only (no communication), as in BMTrain.
 """
@@ -24,9 +27,9 @@ from typing import Any
 import torch
 
 from ._adam_base import AdamBase, ParamsT
-from ._offload_pipeline import OffloadItem, OffloadPipeline
+from ._offload_pipeline import OffloadItem, OffloadPipeline, UpdateScalars
+from ._torch_adam import TorchAdamArgs, torch_adam_
 from .cpu_adam import CpuAdamBackend, cpu_adam_update, default_num_threads, warn_if_fallback
-from .kernels_adam import AdamScalars
 
 __all__ = ["DEFAULT_CHUNK_NUMEL", "AdamOffloadOptimizer", "default_offload_threads"]
 
@@ -53,10 +56,14 @@ class AdamOffloadOptimizer(AdamBase):
         record_delta: bool = False,
         *,
         maximize: bool = False,
+        decoupled_weight_decay: bool = False,
         chunk_numel: int = DEFAULT_CHUNK_NUMEL,
         num_threads: int | None = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, hold_steps, maximize=maximize)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, hold_steps, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
         if not isinstance(record_delta, bool):
             raise TypeError(f"record_delta must be a bool, got {record_delta!r}")
         self.record_delta = record_delta
@@ -76,9 +83,12 @@ class AdamOffloadOptimizer(AdamBase):
         exp_avg_sq: torch.Tensor,
         grad: torch.Tensor,
         out: torch.Tensor,
-        s: AdamScalars,
+        s: UpdateScalars,
         delta: torch.Tensor | None,
     ) -> None:
+        if isinstance(s, TorchAdamArgs):
+            _torch_update(master, exp_avg, exp_avg_sq, grad, out, s, delta)
+            return
         cpu_adam_update(
             master,
             exp_avg,
@@ -119,7 +129,11 @@ class AdamOffloadOptimizer(AdamBase):
                     master=state["_param_fp32"],
                     exp_avg=state["exp_avg"],
                     exp_avg_sq=state["exp_avg_sq"],
-                    scalars=self._scalars(group, state["step"], scale),
+                    scalars=(
+                        self._torch_args(group, state["step"], scale)
+                        if p.dtype == torch.float32
+                        else self._scalars(group, state["step"], scale)
+                    ),
                     delta=torch.zeros(2, dtype=torch.float64) if self.record_delta else None,
                 )
             )
@@ -158,6 +172,31 @@ class AdamOffloadOptimizer(AdamBase):
 
     def _has_master(self, p: torch.Tensor) -> bool:
         return True
+
+
+def _torch_update(
+    master: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    a: TorchAdamArgs,
+    delta: torch.Tensor | None,
+) -> None:
+    """An fp32 chunk: torch's Adam on the host master (the gradient unscaled in its staging buffer,
+    as 1.0.1 did), then the new values into ``out`` for the copy back."""
+    if a.scale != 1.0:
+        grad.mul_(1.0 / a.scale)
+    old = master.clone() if delta is not None and a.decoupled and a.weight_decay else None
+    torch_adam_([master], [grad], [exp_avg], [exp_avg_sq], [a])
+    out.copy_(master)
+    if delta is not None:
+        inv_bc1, bc2_sqrt = a.bias_corrections()
+        d = (exp_avg * inv_bc1).div_(exp_avg_sq.sqrt().div_(bc2_sqrt).add_(a.eps))
+        if old is not None:
+            d.add_(old, alpha=a.weight_decay)
+        d = d.double()
+        delta += torch.stack([d.sum(), d.square().sum()])
 
 
 def default_offload_threads() -> int:
