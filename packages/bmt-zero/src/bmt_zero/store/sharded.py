@@ -40,7 +40,8 @@ from .report import finish_load
 __all__ = ["save_sharded", "load_sharded", "shard_file_name", "METADATA_FILE", "FORMAT"]
 
 FORMAT = "bmt-zero-sharded"
-VERSION = 1
+VERSION = 2  # 2: sizes and checksums (metadata.json and each rank file's header)
+VERSIONS = (1, 2)  # loadable: version 1 without verification
 METADATA_FILE = "metadata.json"
 EXTRA_STATE_FILE = "extra_state.pt"  # not tensors: safetensors can't hold them
 
