@@ -8,7 +8,7 @@ import os
 import bmt_comm
 from bmt_comm import Communicator
 
-__all__ = ["CheckpointError", "agree", "text_of", "write_failure"]
+__all__ = ["CheckpointError", "Status", "agree", "raise_agreed", "status_of", "text_of", "write_failure"]
 
 
 class CheckpointError(RuntimeError):
@@ -25,17 +25,22 @@ def text_of(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def agree(error: BaseException | None, comm: Communicator, what: str) -> None:
-    """Collective: if any rank failed, every rank raises the same exception with the same message.
+Status = tuple[str, "int | None"] | None  # a rank's failure: its text and errno, or None
 
-    One all-gather of each rank's status (None or a short text). The exception is an ``OSError``
-    with the first failing rank's errno where that rank's error was one (a full disk stays
-    ``ENOSPC`` everywhere), else a :class:`CheckpointError`; the message names the ranks.
+
+def status_of(error: BaseException | None) -> Status:
+    """What one rank contributes to :func:`agree` (or to an all-gather of its own)."""
+    if error is None:
+        return None
+    return text_of(error), error.errno if isinstance(error, OSError) else None
+
+
+def raise_agreed(statuses: list[Status], comm: Communicator, what: str, own: BaseException | None = None) -> None:
+    """Every rank's ``status_of``, gathered: raise the same exception on every rank if any failed.
+
+    An ``OSError`` with the first failing rank's errno where that rank's error was one (a full
+    disk stays ``ENOSPC`` everywhere), else a :class:`CheckpointError`; the message names the ranks.
     """
-    statuses = bmt_comm.allgather_objects(
-        None if error is None else (text_of(error), getattr(error, "errno", None) if isinstance(error, OSError) else None),
-        comm,
-    )
     failed = [(comm.global_ranks[r], s) for r, s in enumerate(statuses) if s is not None]
     if not failed:
         return
@@ -46,8 +51,15 @@ def agree(error: BaseException | None, comm: Communicator, what: str) -> None:
     message = f"{what} failed: " + "; ".join(parts)
     code = failed[0][1][1]
     if code is not None:
-        raise OSError(code, message) from error
-    raise CheckpointError(message) from error
+        raise OSError(code, message) from own
+    raise CheckpointError(message) from own
+
+
+def agree(error: BaseException | None, comm: Communicator, what: str) -> None:
+    """Collective (one all-gather of a short status per rank): if any rank failed, every rank
+    raises the same exception with the same message (``raise_agreed``), so that a program which
+    catches it and goes on (an older checkpoint) keeps its ranks in step."""
+    raise_agreed(bmt_comm.allgather_objects(status_of(error), comm), comm, what, error)
 
 
 def _os_error(error: BaseException) -> OSError | None:
