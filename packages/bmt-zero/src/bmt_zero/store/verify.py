@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ def check_shard_files(directory: str, metadata: Mapping[str, Any]) -> None:
                 problems.append(str(ex))
                 continue
         if found != expected:
-            problems.append(_size_message(path, expected, found))
+            problems.append(_foreign(path, metadata) or _size_message(path, expected, found))
     extra = metadata.get("extra_state")
     if extra is not None and "size" in extra:
         path = os.path.join(directory, extra["file"])
@@ -140,7 +141,21 @@ def check_shard_files(directory: str, metadata: Mapping[str, Any]) -> None:
         elif found != extra["size"]:
             problems.append(_size_message(path, int(extra["size"]), found))
     if problems:
-        raise CheckpointError(f"the checkpoint {directory} is incomplete or damaged: " + "; ".join(problems))
+        raise CheckpointError(f"the checkpoint {directory} is incomplete or damaged: " + "; ".join(problems)
+                              + _other_worlds(directory, len(files)))
+
+
+def _other_worlds(directory: str, world: int) -> str:
+    """A hint when the directory holds rank files of other world sizes than metadata.json's."""
+    sizes: dict[int, int] = {}
+    for name in os.listdir(directory):
+        m = re.fullmatch(r"rank-\d{5}-of-(\d{5})\.safetensors", name)
+        if m and int(m.group(1)) != world:
+            sizes[int(m.group(1))] = sizes.get(int(m.group(1)), 0) + 1
+    if not sizes:
+        return ""
+    found = ", ".join(f"{n} rank files of world size {w}" for w, n in sorted(sizes.items()))
+    return f" (metadata.json is of world size {world}, the directory has {found}: mixed checkpoints?)"
 
 
 def check_extra_state(directory: str, metadata: Mapping[str, Any]) -> None:
@@ -167,16 +182,9 @@ def check_shard(directory: str, metadata: Mapping[str, Any], rank: int, keys: It
     if infos is not None:
         recorded = int(infos[rank]["header_crc"], 16)
         if header.header_crc != recorded:
-            raise CheckpointError(
+            raise CheckpointError(_foreign(path, metadata, header) or (
                 f"{path} is corrupt: its header's {ALGORITHM} is {header.header_crc:08x}, metadata.json records {recorded:08x}"
-            )
-        meta = header.metadata
-        if meta.get("bmt_zero.save_id") != metadata.get("save_id"):
-            raise CheckpointError(
-                f"{path} belongs to another checkpoint: it was written by save {meta.get('bmt_zero.save_id')!r} "
-                f"(rank {meta.get('bmt_zero.rank')} of {meta.get('bmt_zero.world_size')}), metadata.json is "
-                f"save {metadata.get('save_id')!r} (world size {metadata.get('world_size')})"
-            )
+            ))
     crcs: dict[str, int] | None = None
     if CRC_KEY in header.metadata:
         try:
@@ -199,6 +207,23 @@ def check_shard(directory: str, metadata: Mapping[str, Any], rank: int, keys: It
                     f"{path} is corrupt: tensor {key!r}'s {ALGORITHM} is {crc:08x}, its header records {crcs[key]:08x}"
                 )
     return header
+
+
+def _foreign(path: str, metadata: Mapping[str, Any], header: ShardHeader | None = None) -> str | None:
+    """The message for a rank file written by another save than ``metadata``'s, if it is one."""
+    if "save_id" not in metadata:
+        return None
+    if header is None:
+        try:
+            header = read_header(path)
+        except (OSError, ValueError):
+            return None
+    meta = header.metadata
+    if meta.get("bmt_zero.save_id") in (None, metadata["save_id"]):
+        return None
+    return (f"{path} belongs to another checkpoint: it was written by save {meta.get('bmt_zero.save_id')!r} "
+            f"(rank {meta.get('bmt_zero.rank')} of {meta.get('bmt_zero.world_size')}), metadata.json is "
+            f"save {metadata['save_id']!r} (world size {metadata.get('world_size')})")
 
 
 _ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
