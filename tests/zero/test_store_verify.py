@@ -311,10 +311,9 @@ def test_bad_sharded_checkpoints_fail_alike_and_touch_nothing(spawn, world_size,
 
 def _make_v1(tmp: str) -> None:
     """A checkpoint as version 1 wrote it: no save id, sizes or checksums anywhere."""
-    from safetensors.torch import load_file, save_file
-
     import bmt_comm
     import bmt_zero
+    from safetensors.torch import load_file, save_file
 
     bmt_zero.save_sharded(block_model(), os.path.join(tmp, "v1"))
     if bmt_comm.rank() == 0:

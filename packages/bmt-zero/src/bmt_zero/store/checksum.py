@@ -25,7 +25,7 @@ def crc_of_tensor(tensor: torch.Tensor) -> int:
     flat = tensor.detach().reshape(-1)
     if flat.numel() == 0:
         return 0
-    return zlib.crc32(memoryview(flat.contiguous().view(torch.uint8).numpy()))
+    return zlib.crc32(flat.contiguous().view(torch.uint8).numpy().data)
 
 
 def crc_of_file(path: str, start: int = 0, length: int | None = None) -> int:

@@ -8,7 +8,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from itertools import chain
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import bmt_comm
 import torch
@@ -122,7 +122,7 @@ def _write(state: StateDict, path: str) -> None:
     def write(f: BinaryIO) -> None:
         nonlocal sink
         sink = HashingWriter(f)
-        torch.save(state, sink)
+        torch.save(state, cast(BinaryIO, sink))
         sink.flush()
         os.fsync(f.fileno())
         try:
@@ -139,10 +139,10 @@ def _write(state: StateDict, path: str) -> None:
         write_manifest(path, sink.size, sink.crc)
     except Exception as ex:
         failure = write_failure(manifest_path(path), ex, None, 0)
-        if failure is ex:
+        if not isinstance(failure, OSError) or failure is ex:
             raise
-        raise OSError(getattr(failure, "errno", None),
-                      f"{failure.strerror}; {path!r} was written but has no manifest (it loads unverified)") from ex
+        raise OSError(failure.errno, f"{os.strerror(failure.errno)} while writing {manifest_path(path)!r}; "
+                      f"{path!r} was written but has no manifest (it loads unverified)") from ex
 
 
 def _agree(error: BaseException | None, comm: Communicator, what: str) -> None:

@@ -64,7 +64,7 @@ def write_shard(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mappin
     writer.write(head)
     for t in tensors.values():
         if t.numel():
-            writer.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
+            writer.write(t.detach().reshape(-1).view(torch.uint8).numpy().data)
     return ShardHeader(len(head) + offset, zlib.crc32(head), entries, dict(meta), len(head))
 
 

@@ -31,7 +31,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import bmt_comm
 import torch
@@ -235,12 +235,13 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
         bmt_comm.synchronize()
         raise_agreed(statuses, world, f"save_sharded to {final!r}", error)
     infos: dict[str, dict[str, Any]] = {}
-    merge_error: BaseException | None = None
     try:
         infos = _merge([d for _, d, _ in gathered])  # the same on every rank: all raise alike
-    except ValueError as ex:
-        merge_error = ex
-    _settle(merge_error, f"save_sharded to {final!r}", tmp)
+    except ValueError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        bmt_comm.synchronize()
+        raise
     extra_keys, extra_values = _merge_extra([x for _, _, x in gathered])
     del gathered, extras
 
@@ -302,7 +303,7 @@ def _write_extra(path: str, values: dict[str, Any], final: str) -> HashingWriter
     def write(f: BinaryIO) -> None:
         nonlocal sink
         sink = HashingWriter(f)
-        torch.save(values, sink)
+        torch.save(values, cast(BinaryIO, sink))
         sink.flush()
 
     try:
