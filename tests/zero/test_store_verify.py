@@ -172,8 +172,8 @@ def _check_full_disk(tmp: str) -> list[tuple[str, str]]:
     listing = sorted(os.listdir(tmp)), sorted(os.listdir(ckpt))
     out = []
 
-    def filling(room: int) -> Callable[[object], checksum.HashingWriter]:
-        return lambda f: checksum.HashingWriter(_FullDisk(f, room))  # type: ignore[arg-type]
+    def filling(room: int) -> Callable[..., checksum.HashingWriter]:
+        return lambda f, **kw: checksum.HashingWriter(_FullDisk(f, room), **kw)  # type: ignore[arg-type]
 
     real = checksum.HashingWriter
     gathered.HashingWriter = filling(2000)  # type: ignore[misc]  # only rank 0 writes

@@ -50,8 +50,9 @@ class HashingWriter:
     """A write-only file object that passes bytes on to ``f``, counting them and their CRC-32;
     it keeps the ``OSError`` that ``f`` raised (torch's writer may report it as another error)."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, hashing: bool = True) -> None:
         self._f = f
+        self._hashing = hashing  # False: count only (the caller has the checksums it needs)
         self.size = 0
         self.crc = 0
         self.error: OSError | None = None
@@ -64,7 +65,8 @@ class HashingWriter:
             self.error = ex
             raise
         n = len(view) if n is None else n
-        self.crc = zlib.crc32(view[:n], self.crc)
+        if self._hashing:
+            self.crc = zlib.crc32(view[:n], self.crc)
         self.size += n
         return n
 
