@@ -200,6 +200,25 @@ def _check_full_disk(tmp: str) -> list[tuple[str, str]]:
     out.append((type(info.value).__name__, str(info.value)))
 
     assert (sorted(os.listdir(tmp)), sorted(os.listdir(ckpt))) == listing  # no temporaries left
+
+    # the disk fills up on the manifest, after the file: said so; the file loads, unverified
+    late = os.path.join(tmp, "late.pt")
+
+    def no_room(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_manifest = gathered.write_manifest
+    gathered.write_manifest = no_room  # type: ignore[assignment]
+    try:
+        with pytest.raises(OSError, match=r"was written but has no manifest \(it loads unverified\)") as info:
+            bmt_zero.save(block_model(), late)
+    finally:
+        gathered.write_manifest = real_manifest
+    assert info.value.errno == errno.ENOSPC
+    assert not verify_checkpoint(late).verified
+    out.append((type(info.value).__name__, str(info.value)))
+    _on_rank0(lambda: None)  # every rank has checked it
+    _on_rank0(lambda: os.remove(late))
     assert verify_checkpoint(path).verified and verify_checkpoint(ckpt).verified
     for load, where in ((bmt_zero.load, path), (bmt_zero.load_sharded, ckpt)):
         model = block_model(scale=0.0)

@@ -139,7 +139,7 @@ def _write(state: StateDict, path: str) -> None:
         write_manifest(path, sink.size, sink.crc)
     except Exception as ex:
         failure = write_failure(manifest_path(path), ex, None, 0)
-        if not isinstance(failure, OSError) or failure is ex:
+        if not isinstance(failure, OSError) or failure is ex or failure.errno is None:
             raise
         raise OSError(failure.errno, f"{os.strerror(failure.errno)} while writing {manifest_path(path)!r}; "
                       f"{path!r} was written but has no manifest (it loads unverified)") from ex
