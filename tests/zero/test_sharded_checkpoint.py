@@ -48,20 +48,20 @@ def _save_at_four(tmp: str) -> None:
     assert _listing(tmp) == ["blocks4", "from1", "from4"]
 
     # a save that fails on one rank midway leaves the previous checkpoint and no temporary
-    real = sharded.save_file
+    real = sharded.write_shard
 
-    def failing(tensors: dict, path: str) -> None:
+    def failing(path: str, tensors: dict, metadata: dict, writer: object) -> None:
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("rank 2 lost its disk (simulated)")
 
     if rank == 2:
-        sharded.save_file = failing
+        sharded.write_shard = failing
     try:
         with pytest.raises((OSError, RuntimeError), match="rank 2 lost its disk"):
             bmt_zero.save_sharded(store_model(scale=5.0), ckpt)
     finally:
-        sharded.save_file = real
+        sharded.write_shard = real
     assert _listing(tmp) == ["blocks4", "from1", "from4"] and sorted(os.listdir(ckpt)) == files
     again = store_model(scale=0.0)
     bmt_zero.load_sharded(again, ckpt)

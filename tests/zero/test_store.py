@@ -95,7 +95,8 @@ def _check_store(tmp: str) -> None:
         torch.save = real_save
     if rank == 0:
         _same(torch.load(path), want, "after interrupted save")
-        assert sorted(os.listdir(tmp)) == ["ckpt.pt", "odd.pt", "rank0-only.pt", "wide.pt"], os.listdir(tmp)
+        assert sorted(os.listdir(tmp)) == ["ckpt.pt", "ckpt.pt.manifest.json", "odd.pt", "rank0-only.pt", "wide.pt",
+                                           "wide.pt.manifest.json"], os.listdir(tmp)
 
     # non-blocking: the file holds the values at save time though training goes on meanwhile
     def slow_save(obj: object, f: object) -> None:

@@ -8,7 +8,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from itertools import chain
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import bmt_comm
 import torch
@@ -17,8 +17,11 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..gather import gather_to
 from . import background
-from .atomic import atomic_write, describe
+from .atomic import atomic_write
+from .checksum import HashingWriter
+from .errors import CheckpointError, agree, write_failure
 from .report import finish_load
+from .verify import check_file, manifest_path, write_manifest
 from .view import DistributedStateDictWrapper
 
 __all__ = ["save", "load", "load_state_into", "children_everywhere", "_save_to_rank0", "_save_to_local_rank0"]
@@ -107,20 +110,44 @@ def _to_cpu(state: StateDict, model: torch.nn.Module, own: bool) -> StateDict:
 
 
 def _write(state: StateDict, path: str) -> None:
-    def write(f: BinaryIO) -> None:
-        torch.save(state, f)
+    """``torch.save`` through a counting, hashing file object, then the manifest next to it.
 
-    atomic_write(path, write)
+    The previous manifest is removed only once the new file's bytes are on disk, just before the
+    rename: a crash in between leaves a file without manifest (loaded unverified), never a file
+    with another file's manifest. A failed write raises an ``OSError`` that names the path and
+    the cause (``ENOSPC``), whatever torch's writer made of it.
+    """
+    sink: HashingWriter | None = None
+
+    def write(f: BinaryIO) -> None:
+        nonlocal sink
+        sink = HashingWriter(f)
+        torch.save(state, cast(BinaryIO, sink))
+        sink.flush()
+        os.fsync(f.fileno())
+        try:
+            os.unlink(manifest_path(path))
+        except FileNotFoundError:
+            pass
+
+    try:
+        atomic_write(path, write)
+    except Exception as ex:
+        raise write_failure(path, ex, sink.error if sink else None, sink.size if sink else 0) from ex
+    assert sink is not None
+    try:
+        write_manifest(path, sink.size, sink.crc)
+    except Exception as ex:
+        failure = write_failure(manifest_path(path), ex, None, 0)
+        if not isinstance(failure, OSError) or failure is ex or failure.errno is None:
+            raise
+        raise OSError(failure.errno, f"{os.strerror(failure.errno)} while writing {manifest_path(path)!r}; "
+                      f"{path!r} was written but has no manifest (it loads unverified)") from ex
 
 
 def _agree(error: BaseException | None, comm: Communicator, what: str) -> None:
-    """Rank 0's failure becomes every rank's (instead of a hang in the next collective)."""
-    message = bmt_comm.broadcast_object(describe(error), comm, 0)
-    if message is None:
-        return
-    if error is not None:
-        raise error
-    raise RuntimeError(f"{what} failed on rank {comm.global_ranks[0]}: {message}")
+    """Rank 0's failure becomes every rank's, the same exception (instead of a hang in the next collective)."""
+    agree(error, comm, what)
 
 
 def _join_background(comm: Communicator) -> None:
@@ -160,12 +187,23 @@ def save(model: torch.nn.Module, file: PathLike, non_blocking: bool = False) -> 
 
 
 def _read(path: str) -> Any:
+    """Check ``path`` (size and checksum against its manifest), then read it."""
+    check_file(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True)  # pages come in as tensors are sent
-    except RuntimeError as ex:
-        if "mmap" not in str(ex):
-            raise
-        return torch.load(path, map_location="cpu")  # legacy (non-zip) files can't be mapped
+        try:
+            return torch.load(path, map_location="cpu", mmap=True)  # pages come in as tensors are sent
+        except RuntimeError as ex:
+            if "mmap" not in str(ex):
+                raise
+            return torch.load(path, map_location="cpu")  # legacy (non-zip) files can't be mapped
+    except FileNotFoundError:
+        raise
+    except Exception as ex:  # a truncated zip gives OSError(EINVAL) or an empty EOFError
+        size = os.stat(path).st_size
+        raise CheckpointError(
+            f"{path} ({size} bytes) can't be read as a torch checkpoint, it is truncated or corrupt: "
+            f"{type(ex).__name__}: {ex}"
+        ) from ex
 
 
 def load(model: torch.nn.Module, file: PathLike, strict: bool = True) -> _IncompatibleKeys:
@@ -174,7 +212,11 @@ def load(model: torch.nn.Module, file: PathLike, strict: bool = True) -> _Incomp
     Rank 0 reads ``file``; DistributedParameters receive only their piece, ordinary tensors go
     whole to the ranks that hold them, one tensor at a time. A pipeline's layers reach only their
     stage's ranks (``children_everywhere``). Missing/unexpected keys and shape errors are
-    reported as ``torch.nn.Module.load_state_dict`` reports them.
+    reported as ``torch.nn.Module.load_state_dict`` reports them, but before anything is copied.
+
+    The file is checked first (its size and checksum against ``file + ".manifest.json"``, where
+    there is one), then its keys and shapes against the model: a failed load raises the same
+    :class:`CheckpointError` on every rank and leaves the model as it was.
     """
     world = bmt_comm.get_context().comms.world
     _join_background(world)
@@ -189,6 +231,9 @@ def load(model: torch.nn.Module, file: PathLike, strict: bool = True) -> _Incomp
             error = ex
     view = DistributedStateDictWrapper(state, world, 0, error)
     del state
+    from .precheck import check_against  # it walks the model through children_everywhere, below
+
+    check_against(model, view, strict, world)  # keys and shapes, on every rank, before any copy
     return load_state_into(model, view, strict)
 
 

@@ -15,7 +15,8 @@ import torch
 
 from .gathered import children_everywhere
 
-__all__ = ["EXTRA_STATE_KEY", "KeyedModule", "KeyedTensor", "Path", "extra_state_entries", "merge_keys", "state_entries"]
+__all__ = ["EXTRA_STATE_KEY", "KeyedModule", "KeyedTensor", "Path", "extra_state_entries", "merge_keys", "module_entries",
+           "state_entries"]
 
 Path = tuple[int, ...]
 EXTRA_STATE_KEY = "_extra_state"  # torch's key for a module's get_extra_state()
@@ -95,3 +96,8 @@ def merge_keys(ranks: Iterable[Iterable[tuple[str, Path]]]) -> list[str]:
         for key, path in pairs:
             merged.setdefault(key, tuple(path))
     return sorted(merged, key=lambda k: merged[k])
+
+
+def module_entries(model: torch.nn.Module) -> list[tuple[str, Path]]:
+    """The modules held on this rank, each with its path (the root: ``("", ())``)."""
+    return [(name, path) for name, _, path in _walk(model)]

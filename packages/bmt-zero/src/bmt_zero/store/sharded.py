@@ -7,6 +7,13 @@ Layout of a checkpoint directory::
     rank-00001-of-00004.safetensors         ...
     extra_state.pt                          modules' get_extra_state() objects (torch.save), if any
 
+``metadata.json`` records each rank file's size and header CRC-32 and the save's id, and is
+sealed by a checksum of its own; each rank file's header records its save id and every tensor's
+CRC-32. ``load_sharded`` checks the sizes (rank 0, every file), then the header and the bytes of
+each tensor a rank is about to read, then keys, shapes and coverage against the model, and only
+then copies: a failed load raises the same :class:`CheckpointError` on every rank and leaves the
+model as it was.
+
 A piece is ``[start, end)`` of the flattened tensor (of its tensor-parallel slice for tp-split
 parameters). Loading reads, for each parameter, only the pieces that overlap this rank's new
 range, through safetensors' lazy slices. A tp-split parameter also loads at another tp size (or
@@ -24,23 +31,27 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import bmt_comm
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..parameter import DistributedParameter
-from .atomic import atomic_write, describe, replace_dir
+from .atomic import atomic_write, replace_dir
+from .checksum import ALGORITHM, HashingWriter, sealed
+from .errors import CheckpointError, agree, raise_agreed, status_of, write_failure
 from .model_keys import KeyedTensor, Path, extra_state_entries, merge_keys, state_entries
-from .report import finish_load
+from .report import load_problems
+from .shard_file import ShardHeader, write_shard
+from .verify import SHARD_FORMAT, check_extra_state, check_shard, check_shard_files, read_sharded_metadata
 
-__all__ = ["save_sharded", "load_sharded", "shard_file_name", "METADATA_FILE", "FORMAT"]
+__all__ = ["save_sharded", "load_sharded", "shard_file_name", "METADATA_FILE", "FORMAT", "VERSION", "VERSIONS"]
 
 FORMAT = "bmt-zero-sharded"
-VERSION = 1
+VERSION = 2  # 2: sizes and checksums (metadata.json and each rank file's header)
+VERSIONS = (1, 2)  # loadable: version 1 without verification
 METADATA_FILE = "metadata.json"
 EXTRA_STATE_FILE = "extra_state.pt"  # not tensors: safetensors can't hold them
 
@@ -78,22 +89,6 @@ def _local_piece(key: str, param: DistributedParameter) -> torch.Tensor:
             f"[{param._start_partition}, {param._end_partition}); save a released (sharded) model"
         )
     return piece
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _raise_first(statuses: list[str | None], own: BaseException | None, what: str) -> None:
-    for rank, message in enumerate(statuses):
-        if message is not None:
-            if own is not None:
-                raise own
-            raise RuntimeError(f"{what} failed on rank {rank}: {message}")
 
 
 @dataclass(frozen=True)
@@ -178,13 +173,31 @@ def _merge_extra(ranks: list[list[Extra]]) -> tuple[list[list[Any]], dict[str, A
     return [[k, paths[k]] for k in keys], {k: values[k] for k in keys}
 
 
-def _settle(statuses: list[str | None], own: BaseException | None, what: str, tmp: str) -> None:
-    """Raise a failure on every rank, once rank 0 has removed the temporary directory."""
-    if any(statuses):
-        if bmt_comm.get_context().comms.world.rank == 0:
+def _settle(error: BaseException | None, what: str, tmp: str) -> None:
+    """Collective: raise a failure on every rank alike, once rank 0 has removed the temporary directory."""
+    world = bmt_comm.get_context().comms.world
+    try:
+        agree(error, world, what)
+    except BaseException:
+        if world.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         bmt_comm.synchronize()
-    _raise_first(statuses, own, what)
+        raise
+
+
+def _write_rank_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     final: str) -> ShardHeader:
+    """Write and fsync one rank file; a failure is an ``OSError`` naming the path and the cause."""
+    sink: HashingWriter | None = None
+    try:
+        with open(path, "wb") as f:
+            sink = HashingWriter(f, hashing=False)  # each tensor's CRC is taken from memory instead
+            header = write_shard(path, tensors, metadata, sink)
+            sink.flush()
+            os.fsync(f.fileno())
+    except Exception as ex:
+        raise write_failure(path, ex, sink.error if sink else None, sink.size if sink else 0, final) from ex
+    return header
 
 
 def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
@@ -214,19 +227,28 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
                   for e in extra_state_entries(model, "get_extra_state")]
     except Exception as ex:
         error = ex
-    gathered = bmt_comm.allgather_objects((describe(error), described, extras), world)
-    _settle([status for status, _, _ in gathered], error, "save_sharded", tmp)
+    gathered = bmt_comm.allgather_objects((status_of(error), described, extras), world)
+    statuses = [status for status, _, _ in gathered]
+    if any(statuses):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        bmt_comm.synchronize()
+        raise_agreed(statuses, world, f"save_sharded to {final!r}", error)
     infos: dict[str, dict[str, Any]] = {}
     try:
         infos = _merge([d for _, d, _ in gathered])  # the same on every rank: all raise alike
-    except ValueError as ex:
-        _settle([describe(ex)], ex, "save_sharded", tmp)
+    except ValueError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        bmt_comm.synchronize()
+        raise
     extra_keys, extra_values = _merge_extra([x for _, _, x in gathered])
     del gathered, extras
 
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     tensors: dict[str, torch.Tensor] = {}
+    written: ShardHeader | None = None
     try:
         for e, d in zip(entries, described, strict=True):
             t = e.tensor
@@ -236,32 +258,60 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
             elif infos[e.key]["pieces"][0][0] == rank:
                 tensors[e.key] = t.detach().to("cpu", copy=True).contiguous()
         path = os.path.join(tmp, shard_file_name(rank, size))
-        save_file(tensors, path)
-        _fsync_file(path)
+        written = _write_rank_file(path, tensors, {
+            "bmt_zero.format": SHARD_FORMAT, "bmt_zero.save_id": token, "bmt_zero.rank": str(rank),
+            "bmt_zero.world_size": str(size),
+        }, final)
     except Exception as ex:
         error = ex
     del tensors
-    _settle(bmt_comm.allgather_objects(describe(error), world), error, "save_sharded", tmp)
+    _settle(error, f"save_sharded to {final!r}", tmp)
+    assert written is not None
+    file_info = bmt_comm.allgather_objects({"size": written.size, "header_crc": f"{written.header_crc:08x}"}, world)
 
     if rank == 0:
         try:
-            metadata = {
-                "format": FORMAT, "version": VERSION, "world_size": size, "tp_size": tp.size,
-                "files": [shard_file_name(r, size) for r in range(size)], "tensors": infos,
+            metadata: dict[str, Any] = {
+                "format": FORMAT, "version": VERSION, "world_size": size, "tp_size": tp.size, "save_id": token,
+                "algorithm": ALGORITHM, "files": [shard_file_name(r, size) for r in range(size)],
+                "file_info": file_info, "tensors": infos,
             }
             if extra_keys:
-                atomic_write(os.path.join(tmp, EXTRA_STATE_FILE), lambda f: torch.save(extra_values, f))
-                metadata["extra_state"] = {"file": EXTRA_STATE_FILE, "keys": extra_keys}
+                sink = _write_extra(os.path.join(tmp, EXTRA_STATE_FILE), extra_values, final)
+                metadata["extra_state"] = {"file": EXTRA_STATE_FILE, "keys": extra_keys, "size": sink.size,
+                                           "crc": f"{sink.crc:08x}"}
+            sealed_metadata = sealed(metadata)
 
             def write(f: BinaryIO) -> None:
-                f.write(json.dumps(metadata, indent=1).encode())
+                f.write(json.dumps(sealed_metadata, indent=1).encode())
 
-            atomic_write(os.path.join(tmp, METADATA_FILE), write)
+            meta_path = os.path.join(tmp, METADATA_FILE)
+            try:
+                atomic_write(meta_path, write)
+            except Exception as ex:
+                raise write_failure(meta_path, ex, None, 0, final) from ex
             replace_dir(tmp, final)
         except Exception as ex:
             error = ex
             shutil.rmtree(tmp, ignore_errors=True)
-    _raise_first(bmt_comm.allgather_objects(describe(error), world), error, "save_sharded")
+    agree(error, world, f"save_sharded to {final!r}")
+
+
+def _write_extra(path: str, values: dict[str, Any], final: str) -> HashingWriter:
+    sink: HashingWriter | None = None
+
+    def write(f: BinaryIO) -> None:
+        nonlocal sink
+        sink = HashingWriter(f)
+        torch.save(values, cast(BinaryIO, sink))
+        sink.flush()
+
+    try:
+        atomic_write(path, write)
+    except Exception as ex:
+        raise write_failure(path, ex, sink.error if sink else None, sink.size if sink else 0, final) from ex
+    assert sink is not None
+    return sink
 
 
 class _Reader:
@@ -285,18 +335,6 @@ class _Reader:
     def tensor(self, rank: int, key: str) -> torch.Tensor:
         out: torch.Tensor = self._handle(rank).get_tensor(key)
         return out
-
-
-def _read_metadata(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, METADATA_FILE)
-    with open(path, encoding="utf-8") as f:
-        metadata: dict[str, Any] = json.load(f)
-    if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
-        raise ValueError(
-            f"{path} is not a {FORMAT} v{VERSION} checkpoint "
-            f"(format={metadata.get('format')!r}, version={metadata.get('version')!r})"
-        )
-    return metadata
 
 
 def _fill(target: torch.Tensor, start: int, end: int, info: Mapping[str, Any], tp_rank: int,
@@ -397,72 +435,168 @@ def _load_plain(key: str, tensor: torch.Tensor, info: Mapping[str, Any], saved_t
     return None
 
 
+def _overlap(info: Mapping[str, Any], tp_rank: int, start: int, end: int) -> tuple[int, set[int]]:
+    """How many of the elements ``[start, end)`` of tp slice ``tp_rank`` the pieces hold, and the
+    rank files that hold them."""
+    covered, files = 0, set()
+    for r, piece_tp, s, e in info["pieces"]:
+        if piece_tp == tp_rank and max(s, start) < min(e, end):
+            covered += min(e, end) - max(s, start)
+            files.add(int(r))
+    return covered, files
+
+
+def _plan_rows(key: str, info: Mapping[str, Any], saved_tp: int, dim: int, rows: range) -> tuple[str | None, set[int]]:
+    """``_saved_rows``' reads, checked: every saved slice it joins must be whole."""
+    saved_split = info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1
+    if not saved_split:
+        slices, numel = [0], torch.Size(info["shape"]).numel()
+    else:
+        local = torch.Size(info["local_shape"])
+        per = local[dim]
+        slices, numel = list(range(rows.start // per, (rows.stop - 1) // per + 1)), local.numel()
+    files: set[int] = set()
+    for r in slices:
+        covered, held = _overlap(info, r, 0, numel)
+        if covered != numel:
+            return f"{key}: the checkpoint's pieces cover {covered} of tp slice {r}'s {numel} elements", set()
+        files |= held
+    return None, files
+
+
+def _plan(key: str, t: torch.Tensor, info: Mapping[str, Any], saved_tp: int) -> tuple[str | None, set[int]]:
+    """What loading ``key`` into ``t`` will read (the rank files), or why it can't: the checks of
+    ``_load_param``/``_load_plain``, made before anything is copied."""
+    if info["kind"] == "replicated":
+        return None, {int(info["pieces"][0][0])}
+    if not isinstance(t, DistributedParameter):
+        if info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1:
+            dim = int(info["tp_split_dim"])
+            return _plan_rows(key, info, saved_tp, dim, range(t.shape[dim]))
+        covered, files = _overlap(info, 0, 0, t.numel())
+        if covered != t.numel():
+            return f"{key}: the checkpoint's pieces do not cover the whole tensor", set()
+        return None, files
+    tp = bmt_comm.get_context().comms.tp
+    start, end = t._start_partition, t._end_partition
+    split = _tp_split(t, tp.size)
+    saved_split = info["tp_mode"] and info["tp_split_dim"] >= 0 and saved_tp > 1
+    if saved_split and split and info["tp_split_dim"] != t._tp_split_dim:
+        return (
+            f"{key}: saved split along dim {info['tp_split_dim']} but the model splits it along dim "
+            f"{t._tp_split_dim}; a checkpoint loads only into the same layer layout"
+        ), set()
+    if saved_split == split and (not split or saved_tp == tp.size):
+        covered, files = _overlap(info, tp.rank if split else 0, start, end)
+        if covered != end - start:
+            return f"{key}: the checkpoint's pieces cover {covered} of this rank's {end - start} elements", set()
+        return None, files
+    dim = t._tp_split_dim if split else int(info["tp_split_dim"])
+    size = t._original_shape[dim]
+    first = tp.rank * size if split else 0
+    return _plan_rows(key, info, saved_tp, dim, range(first, first + size))
+
+
+def _read_checked_metadata(path: str) -> dict[str, Any]:
+    """Rank 0: ``metadata.json`` (its own checksum), then every file it names (there, full size)."""
+    metadata = read_sharded_metadata(path, FORMAT, VERSIONS)
+    check_shard_files(path, metadata)
+    return metadata
+
+
 def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], strict: bool = True) -> _IncompatibleKeys:
     """Collective: load a checkpoint written by ``save_sharded`` at any world size.
 
+    Nothing is copied until everything this load needs has been checked, on every rank: the
+    files' sizes and checksums, then keys, shapes and each rank's coverage against the model. A
+    failure raises the same :class:`CheckpointError` on every rank and leaves the model as it was.
     Missing/unexpected keys and shape mismatches are reported as torch's ``load_state_dict`` does,
     for the whole model on every rank (also where a rank holds a part of it: a pipeline stage).
     """
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
     path = os.path.abspath(os.fspath(directory))
-    header: tuple[str | None, dict[str, Any] | None] | None = None
+    what = f"load_sharded from {path!r}"
+    header: tuple[Any, dict[str, Any] | None] | None = None
     error: BaseException | None = None
     if world.rank == 0:
         try:
-            header = (None, _read_metadata(path))
+            header = (None, _read_checked_metadata(path))
         except Exception as ex:
             error = ex
-            header = (describe(ex), None)
+            header = (status_of(ex), None)
     header = bmt_comm.broadcast_object(header, world, 0)
     assert header is not None
-    _raise_first([header[0]], error, f"reading {path}")
+    raise_agreed([header[0]], world, what, error)
     metadata = header[1]
     assert metadata is not None
     saved: dict[str, Any] = metadata["tensors"]
     saved_tp: int = metadata["tp_size"]
-    reader = _Reader(path, metadata["files"])
     entries = state_entries(model)
     errors: list[str] = []
+    reads: dict[int, list[str]] = {}
+    for e in entries:  # plan: shapes and coverage; the files and tensors this rank will read
+        info = saved.get(e.key)
+        if info is None:
+            continue
+        shape = torch.Size(info["shape"])
+        expected = _full_shape(e.tensor) if isinstance(e.tensor, DistributedParameter) else e.tensor.shape
+        if shape != expected:
+            errors.append(
+                f"size mismatch for {e.key}: copying a param with shape {shape} from checkpoint, "
+                f"the shape in current model is {expected}."
+            )
+            continue
+        message, files = _plan(e.key, e.tensor, info, saved_tp)
+        if message is not None:
+            errors.append(message)
+        for r in files:
+            reads.setdefault(r, []).append(e.key)
     saved_extra = metadata.get("extra_state", {"file": EXTRA_STATE_FILE, "keys": []})
     saved_extra_keys = [k for k, _ in saved_extra["keys"]]
     extra_entries = extra_state_entries(model, "set_extra_state")
-    if any(x.key in saved_extra_keys for x in extra_entries):
-        try:
+    values: dict[str, Any] = {}
+    failure: BaseException | None = None
+    try:  # verify: the bytes of every tensor this rank reads, and the extra state if it needs it
+        for r in sorted(reads):
+            check_shard(path, metadata, r, reads[r])
+        if any(x.key in saved_extra_keys for x in extra_entries):
+            check_extra_state(path, metadata)
             values = torch.load(os.path.join(path, saved_extra["file"]), map_location="cpu")
-            for x in extra_entries:
-                if x.key in values:
-                    x.module.set_extra_state(values[x.key])
-        except Exception as ex:  # reported with the other per-rank problems
-            errors.append(f"extra state: {describe(ex)}")
-    with torch.no_grad():
-        for e in entries:
-            key, t = e.key, e.tensor
-            info = saved.get(key)
-            if info is None:
-                continue
-            shape = torch.Size(info["shape"])
-            expected = _full_shape(t) if isinstance(t, DistributedParameter) else t.shape
-            if shape != expected:
-                errors.append(
-                    f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
-                    f"the shape in current model is {expected}."
-                )
-                continue
-            if isinstance(t, DistributedParameter):
-                message = _load_param(key, t, info, saved_tp, reader)
-            else:
-                message = _load_plain(key, t, info, saved_tp, reader)
-            if message is not None:
-                errors.append(message)
-    # per-rank problems (pieces missing for one rank's range) become everyone's; the keys are the
-    # whole model's (a pipeline stage holds its own layers only), so every rank reports alike
+    except Exception as ex:
+        failure = ex
+    # one all-gather: each rank's failure, its problems (pieces missing for one rank's range), and
+    # its keys (a pipeline stage holds its own layers only), so every rank decides alike
     held_keys = [(e.key, e.path) for e in entries] + [(x.key, x.path) for x in extra_entries]
-    everyone = bmt_comm.allgather_objects((errors, held_keys), world)
-    errors = list(dict.fromkeys(m for rank_errors, _ in everyone for m in rank_errors))
-    model_keys = merge_keys(keys for _, keys in everyone)
+    everyone = bmt_comm.allgather_objects((status_of(failure), errors, held_keys), world)
+    raise_agreed([status for status, _, _ in everyone], world, what, failure)
+    errors = list(dict.fromkeys(m for _, rank_errors, _ in everyone for m in rank_errors))
+    model_keys = merge_keys(keys for _, _, keys in everyone)
     held = set(model_keys)
     in_checkpoint = [*saved, *saved_extra_keys]
     missing = [k for k in model_keys if k not in saved and k not in saved_extra_keys]
     unexpected = [k for k in in_checkpoint if k not in held]
-    return finish_load(model, missing, unexpected, errors, strict)
+    problems = load_problems(model, missing, unexpected, errors, strict)
+    if problems is not None:
+        raise CheckpointError(problems)
+
+    reader = _Reader(path, metadata["files"])  # checked: only now is the model written
+    try:
+        for x in extra_entries:
+            if x.key in values:
+                x.module.set_extra_state(values[x.key])
+        with torch.no_grad():
+            for e in entries:
+                info = saved.get(e.key)
+                if info is None:
+                    continue
+                if isinstance(e.tensor, DistributedParameter):
+                    message = _load_param(e.key, e.tensor, info, saved_tp, reader)
+                else:
+                    message = _load_plain(e.key, e.tensor, info, saved_tp, reader)
+                if message is not None:
+                    raise RuntimeError(f"{e.key}: {message} (not found when checking)")
+    except Exception as ex:
+        failure = ex
+    agree(failure, world, what)
+    return _IncompatibleKeys(missing, unexpected)

@@ -11,7 +11,7 @@ import torch
 from bmt_comm import Communicator
 
 from ..parameter import DistributedParameter
-from .atomic import describe
+from .errors import CheckpointError, text_of
 from .rounds import Ask, Op, agreed, exchange
 
 __all__ = ["DistributedStateDictWrapper", "DistributedTensorWrapper", "TensorMeta"]
@@ -55,14 +55,14 @@ class DistributedStateDictWrapper(Mapping[str, Any]):
                 (k, TensorMeta(v.shape, v.dtype) if isinstance(v, torch.Tensor) else None)
                 for k, v in state_dict.items()
             ]
-            header = (describe(error), entries, getattr(state_dict, "_metadata", None))
+            header = (None if error is None else text_of(error), entries, getattr(state_dict, "_metadata", None))
         header = bmt_comm.broadcast_object(header, self._comm, src)
         assert header is not None
         message, entries, metadata = header
-        if message is not None:
-            if error is not None:
-                raise error
-            raise RuntimeError(f"reading the checkpoint failed on rank {self._comm.global_ranks[src]}: {message}")
+        if message is not None:  # the same exception on every rank: a caller may catch it and go on
+            raise CheckpointError(
+                f"reading the checkpoint failed on rank {self._comm.global_ranks[src]}: {message}"
+            ) from error
         self._entries: dict[str, TensorMeta | None] = dict(entries)
         # the whole checkpoint's entries, shared by restricted views: rounds name keys by index
         self._names: list[str] = [k for k, _ in entries]
