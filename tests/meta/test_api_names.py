@@ -39,7 +39,7 @@ API: dict[str, tuple[str, ...]] = {
     "bmtrain.nccl": (
         "NCCLCommunicator", "getUniqueId", "commInitRank", "commDestroy", "commCount", "commRank", "allReduce",
         "broadcast", "reduce", "allGather", "reduceScatter", "send", "recv", "groupStart", "groupEnd",
-        "dtype2nccl", "ncclInt8", "ncclChar", "ncclBool", "ncclUint8", "ncclInt32", "ncclUint32", "ncclInt64",
+        "dtype2nccl", "op2nccl", "ncclInt8", "ncclChar", "ncclBool", "ncclUint8", "ncclInt32", "ncclUint32", "ncclInt64",
         "ncclUint64", "ncclFloat16", "ncclFloat32", "ncclFloat64", "ncclBFloat16", "ncclSum", "ncclProd",
         "ncclMax", "ncclMin", "ncclAvg",
     ),
@@ -57,6 +57,44 @@ API: dict[str, tuple[str, ...]] = {
     ),
     "bmtrain.debug": ("set", "get", "clear", "append", "extend"),
     "bmtrain.benchmark": ("all_gather", "reduce_scatter", "send_recv"),
+    # 1.0.1's module files, each under its own path
+    "bmtrain.benchmark.all_gather": ("all_gather",),
+    "bmtrain.benchmark.reduce_scatter": ("reduce_scatter",),
+    "bmtrain.benchmark.send_recv": ("send_recv",),
+    "bmtrain.benchmark.shape": ("SHAPES",),
+    "bmtrain.benchmark.utils": ("format_size", "format_size_"),
+    "bmtrain.distributed.ops": (
+        "all_gather", "all_reduce", "reduce_scatter", "broadcast", "send_activations", "recv_activations",
+    ),
+    "bmtrain.inspect.format": ("format_summary",),
+    "bmtrain.inspect.model": ("inspect_model",),
+    "bmtrain.inspect.tensor": ("inspect_tensor", "record_tensor", "InspectTensor"),
+    "bmtrain.loss._function": (
+        "has_inf_nan", "cross_entropy_forward", "cross_entropy_backward_inplace", "fused_sumexp",
+        "fused_softmax_inplace",
+    ),
+    "bmtrain.loss.cross_entropy": ("FusedCrossEntropy", "OpFusedCrossEntropy", "VPFusedCrossEntropy"),
+    "bmtrain.lr_scheduler.warmup": ("WarmupLRScheduler",),
+    "bmtrain.lr_scheduler.no_decay": ("NoDecay",),
+    "bmtrain.lr_scheduler.noam": ("Noam",),
+    "bmtrain.lr_scheduler.linear": ("Linear",),
+    "bmtrain.lr_scheduler.cosine": ("Cosine",),
+    "bmtrain.lr_scheduler.exponential": ("Exponential",),
+    "bmtrain.nccl.enums": (
+        "ncclInt8", "ncclChar", "ncclBool", "ncclUint8", "ncclInt32", "ncclInt", "ncclUint32", "ncclInt64",
+        "ncclUint64", "ncclFloat16", "ncclHalf", "ncclFloat32", "ncclFloat", "ncclFloat64", "ncclDouble",
+        "ncclBFloat16", "ncclSum", "ncclProd", "ncclMax", "ncclMin", "ncclAvg",
+    ),
+    "bmtrain.nn.linear": ("Linear", "OpLinear"),
+    "bmtrain.nn.column_parallel_linear": ("ColumnParallelLinear",),
+    "bmtrain.nn.row_parallel_linear": ("RowParallelLinear",),
+    "bmtrain.nn.parallel_embedding": ("VPEmbedding",),
+    "bmtrain.nn.parallel_linear_func": ("OpParallelLinear", "ReduceType"),
+    "bmtrain.optim.adam": ("AdamOptimizer",),
+    "bmtrain.optim.adam_offload": ("AdamOffloadOptimizer",),
+    "bmtrain.optim.optim_manager": ("OptimManager", "check_overflow", "grad_rescale"),
+    "bmtrain.optim._function": ("bf16_from_fp32", "fp16_from_fp32"),
+    "bmtrain.optim._distributed": ("state_dict_gather",),
 }
 
 PAIRS = [(module, name) for module, names in API.items() for name in names]
