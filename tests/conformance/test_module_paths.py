@@ -287,3 +287,60 @@ def test_nccl_op2nccl_and_enum_aliases() -> None:
         nccl.op2nccl("mean")
     aliases = {"ncclInt": 2, "ncclHalf": 6, "ncclFloat": 7, "ncclDouble": 8}
     assert {k: getattr(enums, k) for k in aliases} == aliases
+
+
+# --- argument names and helpers users call by 1.0.1's names -----------------------------------
+def test_keyword_names_of_1_0_1() -> None:
+    import inspect
+
+    import bmtrain as bmt
+
+    assert list(inspect.signature(bmt.distributed.broadcast).parameters) == ["src", "root", "comm"]
+    assert list(inspect.signature(bmt.distributed.send_activations).parameters) == ["hidden_state", "next_rank", "comm"]
+    bmt.debug.clear()
+    bmt.debug.extend(key="k", value=[1, 2])
+    bmt.debug.append("k", 3)
+    assert bmt.debug.DEBUG_VARS == {"k": [1, 2, 3]} and bmt.debug.get("k") == [1, 2, 3]
+    bmt.debug.clear()
+    assert bmt.debug.DEBUG_VARS == {}
+
+
+def _broadcast_by_keyword() -> list[float]:
+    import bmtrain as bmt
+
+    x = torch.full((2,), float(bmt_comm.get_context().rank + 1))
+    return bmt.distributed.broadcast(src=x, root=1).tolist()
+
+
+@pytest.mark.world_size(2)
+def test_broadcast_src_keyword(spawn: Any) -> None:
+    assert spawn(_broadcast_by_keyword) == [[2.0, 2.0], [2.0, 2.0]]
+
+
+def _param_init_helpers() -> list[Any]:
+    import bmtrain as bmt
+    from bmtrain.param_init import init_distributed_parameter, iterate_parameters
+    from bmtrain.wrapper import make_distributed, model_wrapper_dispatch
+
+    p = bmt.DistributedParameter(torch.empty(4, 3), init_method=lambda t: torch.nn.init.constant_(t, 0.5))
+    plain = torch.nn.Parameter(torch.zeros(2))
+    init_distributed_parameter([p, plain])
+    module = torch.nn.Module()
+    module.a, module.b = plain, p
+    listed = list(iterate_parameters(module))
+    block = bmt.Block(bmt.nn.Linear(3, 3, dtype=torch.float32))
+    in_block = list(iterate_parameters(block._module))
+
+    torch.manual_seed(0)
+    made = make_distributed(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ModuleList([torch.nn.Linear(3, 3)])))
+    assert model_wrapper_dispatch(made) is made
+    return [
+        p.gather().tolist(), plain.tolist(), [x is y for x, y in zip(listed, [plain, p], strict=True)], in_block,
+        isinstance(made[0]._parameters["weight"], bmt.DistributedParameter), isinstance(made[1][0], bmt.Block),
+    ]
+
+
+@pytest.mark.world_size(2)
+def test_param_init_and_wrapper_helpers(spawn: Any) -> None:
+    for got in spawn(_param_init_helpers):
+        assert got == [[[0.5] * 3] * 4, [0.0, 0.0], [True, True], [], True, True]

@@ -26,8 +26,8 @@ API: dict[str, tuple[str, ...]] = {
     "bmtrain.layer": ("DistributedModule",),
     "bmtrain.block_layer": ("Block", "CheckpointBlock", "TransformerBlockList"),
     "bmtrain.pipe_layer": ("PipelineTransformerBlockList",),
-    "bmtrain.wrapper": ("BMTrainModelWrapper",),
-    "bmtrain.param_init": ("init_parameters", "grouped_parameters"),
+    "bmtrain.wrapper": ("BMTrainModelWrapper", "make_distributed", "model_wrapper_dispatch"),
+    "bmtrain.param_init": ("init_parameters", "grouped_parameters", "init_distributed_parameter", "iterate_parameters"),
     "bmtrain.store": (
         "save", "load", "_save_to_rank0", "_save_to_local_rank0", "_save_to_infer_model", "allgather_objects",
         "broadcast_object", "DistributedStateDictWrapper", "DistributedTensorWrapper",
@@ -55,7 +55,7 @@ API: dict[str, tuple[str, ...]] = {
         "print_rank", "print_block", "print_dict", "see_memory", "AverageRecorder", "round_up",
         "tp_split_tensor", "check_torch_version", "load_nccl_pypi",
     ),
-    "bmtrain.debug": ("set", "get", "clear", "append", "extend"),
+    "bmtrain.debug": ("set", "get", "clear", "append", "extend", "DEBUG_VARS"),
     "bmtrain.benchmark": ("all_gather", "reduce_scatter", "send_recv"),
     # 1.0.1's module files, each under its own path
     "bmtrain.benchmark.all_gather": ("all_gather",),
