@@ -344,3 +344,19 @@ def _param_init_helpers() -> list[Any]:
 def test_param_init_and_wrapper_helpers(spawn: Any) -> None:
     for got in spawn(_param_init_helpers):
         assert got == [[[0.5] * 3] * 4, [0.0, 0.0], [True, True], [], True, True]
+
+
+def _sum_loss_backward() -> list[float]:
+    import bmtrain as bmt
+
+    r = bmt_comm.get_context().rank
+    w = torch.tensor([1.0 + r], requires_grad=True)
+    mean = bmt.sum_loss((w * 3).sum())  # 1.0.1: an all-reduce avg that back-propagates
+    mean.backward()
+    assert w.grad is not None
+    return [mean.item(), w.grad.item()]
+
+
+@pytest.mark.world_size(2)
+def test_sum_loss_is_differentiable(spawn: Any) -> None:
+    assert spawn(_sum_loss_backward) == [[4.5, 1.5], [4.5, 1.5]]
