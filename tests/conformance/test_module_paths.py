@@ -360,3 +360,28 @@ def _sum_loss_backward() -> list[float]:
 @pytest.mark.world_size(2)
 def test_sum_loss_is_differentiable(spawn: Any) -> None:
     assert spawn(_sum_loss_backward) == [[4.5, 1.5], [4.5, 1.5]]
+
+
+def test_inspect_tensor_manager_and_print_constants() -> None:
+    import io
+
+    import bmtrain as bmt
+    from bmtrain.inspect.tensor import InspectTensor, InspectTensorManager
+    from bmtrain.utils import ALIGN, ROW_WIDTH
+
+    manager = bmt.inspect.inspect_tensor()
+    assert isinstance(manager, InspectTensorManager)
+    with manager as inspector:
+        assert isinstance(inspector, InspectTensor)
+        with pytest.raises(RuntimeError, match="cannot be nested"):
+            InspectTensorManager().__enter__()
+    with bmt.inspect.inspect_tensor():  # usable again once closed
+        pass
+    assert (ALIGN, ROW_WIDTH) == (4, 60)
+    out = io.StringIO()
+    bmt.print_dict("t", {"ab": 1, "abcdefgh": "x" * 100}, file=out)
+    lines = out.getvalue().splitlines()
+    body = [line for line in lines if line.startswith("ab")]
+    assert body and all(len(line) <= ROW_WIDTH for line in lines), lines
+    key_col = len("abcdefgh :") + (-len("abcdefgh :")) % ALIGN  # rounded up to ALIGN
+    assert body[1][key_col:].startswith("x"), body

@@ -53,7 +53,7 @@ API: dict[str, tuple[str, ...]] = {
     "bmtrain.inspect": ("inspect_tensor", "record_tensor", "inspect_model", "format_summary"),
     "bmtrain.utils": (
         "print_rank", "print_block", "print_dict", "see_memory", "AverageRecorder", "round_up",
-        "tp_split_tensor", "check_torch_version", "load_nccl_pypi",
+        "tp_split_tensor", "check_torch_version", "load_nccl_pypi", "ALIGN", "ROW_WIDTH",
     ),
     "bmtrain.debug": ("set", "get", "clear", "append", "extend", "DEBUG_VARS"),
     "bmtrain.benchmark": ("all_gather", "reduce_scatter", "send_recv"),
@@ -68,7 +68,7 @@ API: dict[str, tuple[str, ...]] = {
     ),
     "bmtrain.inspect.format": ("format_summary",),
     "bmtrain.inspect.model": ("inspect_model",),
-    "bmtrain.inspect.tensor": ("inspect_tensor", "record_tensor", "InspectTensor"),
+    "bmtrain.inspect.tensor": ("inspect_tensor", "record_tensor", "InspectTensor", "InspectTensorManager"),
     "bmtrain.loss._function": (
         "has_inf_nan", "cross_entropy_forward", "cross_entropy_backward_inplace", "fused_sumexp",
         "fused_softmax_inplace",
