@@ -93,11 +93,14 @@ def _check_utils() -> None:
     memory = _printed(bmt_comm.see_memory, "after step")
     assert ("after step" in memory) == (r == 0) and (memory == "") == (r != 0)
 
-    # sum_loss is the mean over ranks, detached
-    loss = torch.tensor(1.5 + r, requires_grad=True) * 1
+    # sum_loss is the mean over ranks, differentiable as 1.0.1's (d mean / d loss_r = 1/n)
+    leaf = torch.tensor(1.5 + r, requires_grad=True)
+    loss = leaf * 1
     mean = bmt_comm.sum_loss(loss)
-    assert mean.item() == 1.5 + (n - 1) / 2 and not mean.requires_grad
+    assert mean.item() == 1.5 + (n - 1) / 2 and mean.requires_grad
     assert loss.item() == 1.5 + r
+    mean.backward()
+    assert leaf.grad is not None and leaf.grad.item() == 1 / n
     assert bmt_comm.sum_loss(torch.tensor([2.0 * r]), tp).item() == 2.0 * sum(tp.global_ranks) / tp.size
 
     # gather_result: concatenation on dim 0, CPU in -> CPU out, any layout

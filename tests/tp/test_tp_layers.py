@@ -57,6 +57,10 @@ def full_grad(p: DistributedParameter) -> torch.Tensor:
     return full
 
 
+def _tp() -> int:
+    return bmt_comm.get_context().comms.tp.size
+
+
 def _rows(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return t.chunk(size, 0)[rank]
 
@@ -179,7 +183,8 @@ def all_cases() -> list[Case]:
         Case("VPEmbedding lookup", lambda: VPEmbedding(VOCAB, DIM, dtype=torch.float32),
              lambda p, x: F.embedding(x, p["weight"]), table, out_rows=True, ids=True),
         Case("VPEmbedding projection", lambda: VPEmbedding(VOCAB, DIM, dtype=torch.float32),
-             lambda p, x: F.linear(x, p["weight"]), table, out_cols=True, call=lambda m, x: m(x, projection=True)),
+             lambda p, x: F.linear(x, p["weight"]), table, out_cols=True,
+             call=lambda m, x: m(x, projection=True).view(-1, *x.shape[1:-1], VOCAB // _tp())),
     ]
 
 
@@ -242,8 +247,8 @@ def _check_projection_loss() -> None:
     emb.load_state_dict({"weight": table})
     x = _rows(x_full, tp.rank, tp.size).clone().requires_grad_()
     logits = emb(x, projection=True)
-    assert logits.shape == (tp.size * ROWS, VOCAB // tp.size)
-    loss = FusedCrossEntropy(parallel=True)(logits, targets)
+    assert logits.shape == (ROWS, tp.size, VOCAB // tp.size)  # 1.0.1's (n, tp*s, V/tp), s = 1 here
+    loss = FusedCrossEntropy(parallel=True)(logits.view(-1, VOCAB // tp.size), targets)
     loss.backward()
     _close("parallel cross-entropy loss", loss.detach(), ref_loss.detach())
     assert x.grad is not None and ref_x.grad is not None and ref_table.grad is not None
@@ -291,7 +296,8 @@ class TinyModel(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.emb(ids)  # (n, S, DIM), this rank's rows
         h = h + self.down(F.gelu(self.up(h)))  # up: (N, S, 4*DIM/tp); down: back to (n, S, DIM)
-        logits = self.emb(h, projection=True)  # (N, S, VOCAB/tp)
+        logits = self.emb(h, projection=True)  # (n, tp*S, VOCAB/tp), 1.0.1's shape
+        logits = logits.view(-1, SEQ, logits.shape[-1])  # (N, S, VOCAB/tp): the same memory
         return torch.cat(list(bmt_comm.all_gather(logits.detach(), bmt_comm.get_context().comms.tp).unbind(0)), -1)
 
 

@@ -140,14 +140,17 @@ def reduce_scatter(x: torch.Tensor, op: ReduceOp | str = "sum", comm: Communicat
     return out
 
 
-def broadcast(x: torch.Tensor, root: int, comm: Communicator | None = None) -> torch.Tensor:
-    """Root's ``x`` on every rank. Backward gives every rank the sum of all ranks' gradients."""
-    out: torch.Tensor = _Broadcast.apply(x, root, _comm(comm))  # type: ignore[no-untyped-call]
+def broadcast(src: torch.Tensor, root: int, comm: Communicator | None = None) -> torch.Tensor:
+    """Root's ``src`` on every rank. Backward gives every rank the sum of all ranks' gradients.
+
+    (Argument names are 1.0.1's, so keyword calls keep working.)"""
+    out: torch.Tensor = _Broadcast.apply(src, root, _comm(comm))  # type: ignore[no-untyped-call]
     return out
 
 
-def send_activations(x: torch.Tensor, next_rank: int, comm: Communicator) -> None:
-    """Send ``x`` (any shape and supported dtype) to group rank ``next_rank``; not differentiable."""
+def send_activations(hidden_state: torch.Tensor, next_rank: int, comm: Communicator) -> None:
+    """Send ``hidden_state`` (any shape, supported dtype) to group rank ``next_rank``; not differentiable."""
+    x = hidden_state
     if x.dtype not in DTYPES:
         raise TypeError(f"send_activations does not support dtype {x.dtype}; supported: {DTYPES}")
     if x.dim() > _HEADER - 2:

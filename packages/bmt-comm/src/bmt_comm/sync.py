@@ -38,10 +38,11 @@ def wait_loader() -> None:
 
 
 def sum_loss(loss: torch.Tensor, comm: Communicator | None = None) -> torch.Tensor:
-    """The **mean** of ``loss`` over ranks (the reference's misnamed helper), not differentiable."""
+    """The **mean** of ``loss`` over ranks (the reference's misnamed helper); differentiable as in
+    1.0.1 (each rank's gradient is ``1/world_size`` of the result's)."""
     from .collectives import all_reduce
 
-    return all_reduce(loss.detach(), ReduceOp.AVG, comm)
+    return all_reduce(loss, ReduceOp.AVG, comm)
 
 
 def gather_result(result: torch.Tensor, comm: Communicator | None = None) -> torch.Tensor:

@@ -11,33 +11,33 @@ from typing import Any
 
 import torch
 
-__all__ = ["set", "get", "clear", "append", "extend"]
+__all__ = ["set", "get", "clear", "append", "extend", "DEBUG_VARS"]
 
-_VARS: dict[str, Any] = {}
+DEBUG_VARS: dict[str, Any] = {}  # 1.0.1's name; clear() empties it in place
 
 
 def set(key: str, value: Any) -> None:  # shadows the builtin: the 1.0.1 name
     """Store ``value`` under ``key``; a tensor is stored as a detached CPU copy."""
     if isinstance(value, torch.Tensor):
         value = value.detach().to("cpu", copy=True)
-    _VARS[key] = value
+    DEBUG_VARS[key] = value
 
 
 def get(key: str, default: Any = None) -> Any:
     """The value stored under ``key``, or ``default``."""
-    return _VARS.get(key, default)
+    return DEBUG_VARS.get(key, default)
 
 
 def clear(key: str | None = None) -> None:
     """Forget ``key`` (missing keys are fine), or everything when ``key`` is None."""
     if key is None:
-        _VARS.clear()
+        DEBUG_VARS.clear()
     else:
-        _VARS.pop(key, None)
+        DEBUG_VARS.pop(key, None)
 
 
 def _list_at(key: str) -> list[Any]:
-    current = _VARS.setdefault(key, [])
+    current = DEBUG_VARS.setdefault(key, [])
     if not isinstance(current, list):
         raise TypeError(
             f"debug.append/extend need a list under key {key!r}, but it holds a {type(current).__name__}"
@@ -50,6 +50,6 @@ def append(key: str, value: Any) -> None:
     _list_at(key).append(value)
 
 
-def extend(key: str, values: Iterable[Any]) -> None:
-    """Extend the list under ``key`` (created if missing) with ``values``."""
-    _list_at(key).extend(values)
+def extend(key: str, value: Iterable[Any]) -> None:
+    """Extend the list under ``key`` (created if missing) with the items of ``value``."""
+    _list_at(key).extend(value)

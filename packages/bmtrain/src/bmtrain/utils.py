@@ -21,7 +21,12 @@ __all__ = [
     "tp_split_tensor",
     "check_torch_version",
     "load_nccl_pypi",
+    "ALIGN",
+    "ROW_WIDTH",
 ]
+
+ALIGN = 4  # print_dict rounds its key column up to a multiple of this (1.0.1's constant)
+ROW_WIDTH = 60  # print_dict/print_block width in characters (1.0.1's constant)
 
 _NCCL_PACKAGES = "nvidia-nccl-cu12 (CUDA 12), nvidia-nccl-cu13 (CUDA 13) or nvidia-nccl-cu11 (CUDA 11)"
 

@@ -212,11 +212,13 @@ class FusedCrossEntropy(torch.nn.Module):
         ignore_index: int = -100,
         reduction: Reduction | str = "mean",
         label_smoothing: float = 0.0,
-        inplace: bool = False,
         parallel: bool = False,
+        *,
+        inplace: bool = False,  # keyword-only: 1.0.1's fifth positional argument is ``parallel``
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", weight)
+        # follows .to()/.cuda() but stays out of state_dict, as 1.0.1's plain attribute does
+        self.register_buffer("weight", weight, persistent=False)
         self.ignore_index = ignore_index
         self.reduction = _parse_reduction(reduction)
         _check_smoothing(label_smoothing)

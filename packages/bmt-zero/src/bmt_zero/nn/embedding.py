@@ -18,10 +18,12 @@ class VPEmbedding(DistributedModule):
 
     ``forward(ids)``: the embeddings of ``ids`` (any int tensor; tp ranks may pass different ids
     of the same shape, e.g. their dim-0 shards). Only ids and embeddings travel, never the table.
-    ``forward(x, projection=True)``: ``x`` is the dim-0 shard of the hidden states
-    ``(n, ..., embedding_size)``; returns the logits of all rows over this rank's vocabulary slice,
-    ``(tp*n, ..., vocab_size/tp)``, the input ``FusedCrossEntropy(parallel=True)`` expects (with
-    the whole ``(tp*n, ...)`` targets, global ids).
+    ``forward(x, projection=True)``: ``x`` is this rank's ``(n, s, embedding_size)`` dim-0 shard
+    of the hidden states (any ``(n, ..., embedding_size)``); returns the logits of every tp rank's
+    rows over this rank's vocabulary slice with 1.0.1's shape ``(n, tp*s, vocab_size/tp)``: the
+    ``(tp*n, s, vocab_size/tp)`` result of the gathered rows, viewed (not transposed) as 1.0.1
+    does. ``logits.view(-1, vocab_size/tp)`` lists the rows in tp-rank order, the input
+    ``FusedCrossEntropy(parallel=True)`` expects with the whole ``(tp*n*s,)`` targets (global ids).
     """
 
     def __init__(
@@ -55,8 +57,9 @@ class VPEmbedding(DistributedModule):
         if projection:
             logits: torch.Tensor = OpParallelLinear.apply(  # type: ignore[no-untyped-call]
                 x, self.weight, None, True, False, False, None, self.async_gather_chunks
-            )
-            return logits
+            )  # (tp*n, ..., V/tp), rows in tp-rank order
+            # 1.0.1 views the gathered (tp, n, ...) input as (n, -1, d): the same memory, new shape
+            return logits.view(x.shape[0], -1, logits.shape[-1])  # (n, tp*s, V/tp)
         return vocab_parallel_embedding(x, self.weight, self.start_index, self.vocab_size, tp_comm())
 
     def extra_repr(self) -> str:

@@ -124,5 +124,5 @@ class GPT(bmt.DistributedModule):
             raise ValueError(f"sequence length ({T}) exceeds block_size ({self.cfg.block_size})")
         x = self.wte(idx) + self.wpe[:T]  # (B/tp, T, C)
         x = self.layers(x)  # (B/tp, T, C)
-        logits: torch.Tensor = self.wte(self.ln_f(x), projection=True)  # (B, T, vocab/tp), tied weights
+        logits: torch.Tensor = self.wte(self.ln_f(x), projection=True)  # (B/tp, tp*T, vocab/tp), tied weights
         return logits

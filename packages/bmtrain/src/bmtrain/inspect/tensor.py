@@ -9,9 +9,7 @@ entries, values and gradients as the same model without checkpointing.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +18,7 @@ import torch
 
 from ._stats import ROW, gather_rows, local_row, pool_rows, to_moments
 
-__all__ = ["InspectTensor", "inspect_tensor", "record_tensor"]
+__all__ = ["InspectTensor", "InspectTensorManager", "inspect_tensor", "record_tensor"]
 
 
 @dataclass(eq=False)
@@ -176,18 +174,31 @@ class InspectTensor:
 _ACTIVE: InspectTensor | None = None  # process-wide, not thread-local: backward runs on other threads
 
 
-@contextlib.contextmanager
-def inspect_tensor() -> Iterator[InspectTensor]:
+class InspectTensorManager:
+    """The context manager ``inspect_tensor()`` returns (1.0.1's class): ``__enter__`` gives a
+    fresh :class:`InspectTensor` that collects ``record_tensor`` calls until ``__exit__``."""
+
+    def __init__(self) -> None:
+        self._inspector: InspectTensor | None = None
+
+    def __enter__(self) -> InspectTensor:
+        global _ACTIVE
+        if _ACTIVE is not None:
+            raise RuntimeError("inspect_tensor() contexts cannot be nested: one is already active")
+        self._inspector = InspectTensor()
+        _ACTIVE = self._inspector
+        return self._inspector
+
+    def __exit__(self, *exc: object) -> None:
+        global _ACTIVE
+        if _ACTIVE is self._inspector:
+            _ACTIVE = None
+        self._inspector = None
+
+
+def inspect_tensor() -> InspectTensorManager:
     """Record ``record_tensor`` calls made inside; run forward *and* backward inside it."""
-    global _ACTIVE
-    if _ACTIVE is not None:
-        raise RuntimeError("inspect_tensor() contexts cannot be nested: one is already active")
-    inspector = InspectTensor()
-    _ACTIVE = inspector
-    try:
-        yield inspector
-    finally:
-        _ACTIVE = None
+    return InspectTensorManager()
 
 
 def record_tensor(x: torch.Tensor, name: str, group: str | None = None) -> None:

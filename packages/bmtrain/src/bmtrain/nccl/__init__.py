@@ -25,6 +25,7 @@ from bmt_comm.nccl import (
 
 from . import enums
 from .enums import *  # noqa: F403 - the reference's constants (ncclInt8 ... ncclAvg)
+from .enums import ncclAvg, ncclMax, ncclMin, ncclProd, ncclSum
 
 __all__ = [
     "NCCLCommunicator",
@@ -43,5 +44,15 @@ __all__ = [
     "groupStart",
     "groupEnd",
     "dtype2nccl",
+    "op2nccl",
     *enums.__all__,
 ]
+
+_OPS = {"sum": ncclSum, "prod": ncclProd, "max": ncclMax, "min": ncclMin, "avg": ncclAvg}
+
+
+def op2nccl(op: str) -> int:
+    """NCCL's number for a reduction named as 1.0.1 names them (``"sum"`` -> ``ncclSum``)."""
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {list(_OPS)}, got {op!r}")
+    return _OPS[op]
