@@ -11,6 +11,7 @@ import torch
 from bmt_comm import Communicator
 from bmt_zero.flat_storage import FlatStorage
 from bmt_zero.gather import state_dst
+from bmt_zero.module import BlockType
 from bmt_zero.parameter import DistributedParameter
 
 from .checkpointing import BlockCall, run_block
@@ -305,3 +306,6 @@ class Block(torch.nn.Module):
     ) -> None:
         load_block_state(self._module, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
         self.runtime.shared.release_if_idle()  # a kept gather is stale now
+
+
+BlockType.register(Block)  # bmt-zero's init_parameters, grouping and wrappers treat it as a Block
