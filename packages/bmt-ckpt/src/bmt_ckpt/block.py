@@ -33,6 +33,21 @@ class BlockMode(str, Enum):
             raise ValueError(f"mode must be 'BLOCK' or 'PIPE', got {mode!r}") from None
 
 
+def _check_unfrozen(storage: FlatStorage, what: str) -> None:
+    """A parameter frozen when its Block was built lives in a buffer that keeps no gradient;
+    unfrozen later it could not train (1.0.1 drops its gradient without a word)."""
+    for buf in storage.buffers:
+        if buf.layout.key.requires_grad:
+            continue
+        for slot, p in zip(buf.layout.slots, buf.params, strict=True):
+            if p.requires_grad:
+                raise RuntimeError(
+                    f"parameter '{slot.name}' of Block({what}) had requires_grad=False when the Block was "
+                    "built, so its flat storage keeps no gradient; it cannot be unfrozen later. Build the "
+                    "Block with it trainable and freeze it afterwards (requires_grad_(False)) instead"
+                )
+
+
 def _comm_chooser(mode: BlockMode) -> Callable[[DistributedParameter], Communicator]:
     comms = bmt_comm.get_context().comms
     if mode is BlockMode.PIPE:
@@ -179,9 +194,15 @@ class Block(torch.nn.Module):
             )
         runtime = self.runtime
         device = bmt_comm.get_context().device
-        flat = [p for p in runtime.storage.flat_parameters() if p.requires_grad]
+        grad_mode = torch.is_grad_enabled()
+        if grad_mode:
+            _check_unfrozen(runtime.storage, type(self._module).__name__)
+        # the flat shards whose parameters train now: a Block frozen after its build (every
+        # parameter requires_grad=False) passes none, so on inputs that need no grad it runs once,
+        # outside autograd, as torch does
+        flat = [b.shard for b in runtime.storage.buffers if b.trainable]
         call, tensors = BlockCall.of(runtime, self._module, self.use_checkpoint, device, args, kwargs, len(flat))
-        if torch.is_grad_enabled() and (flat or any(t.requires_grad for t in tensors)):
+        if grad_mode and (flat or any(t.requires_grad for t in tensors)):
             return run_block(call, flat, tensors)
         runtime.acquire(Phase.FORWARD)  # no graph: nothing is kept for a backward
         try:
