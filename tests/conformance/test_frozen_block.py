@@ -233,3 +233,33 @@ def _pipeline_cases() -> None:
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_frozen_pipeline_matches_torch(spawn: Any, world_size: int) -> None:
     spawn(_pipeline_cases, pipe_size=world_size, num_micro_batches=MICROS)
+
+
+# --- a parameter frozen when its Block was built cannot train later -----------------------------
+def _unfreeze_after_frozen_build() -> None:
+    """Its flat buffer keeps no gradient (1.0.1 drops the gradient silently); here the next
+    forward that could train says so. Under no_grad the Block still runs."""
+    import re
+
+    from bmt_ckpt import Block
+
+    layer = make_layers(seed=5, device=torch.device("cpu"))[0]
+    layer.fc1.requires_grad_(False)
+    block = Block(distribute_(layer))
+    x = torch.randn(BATCH, DIM)
+    with torch.no_grad():
+        block(x)
+    block.fc1.weight.requires_grad_(True)
+    with torch.no_grad():
+        block(x)
+    message = (
+        "parameter 'fc1.weight' of Block(MLP) had requires_grad=False when the Block was built, so its flat "
+        "storage keeps no gradient; it cannot be unfrozen later"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        block(x)
+
+
+@pytest.mark.world_size(1)
+def test_unfreezing_a_param_frozen_at_build_raises(spawn: Any) -> None:
+    spawn(_unfreeze_after_frozen_build)

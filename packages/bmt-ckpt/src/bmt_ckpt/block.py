@@ -65,6 +65,12 @@ class Block(torch.nn.Module):
     again if needed, recomputes, and reduce-scatters (sums) the gradients into the flat shards,
     accumulating until they are zeroed. The inner module is not a registered child: state dict
     keys, ``named_parameters()`` and attribute access are the inner module's own.
+
+    Freezing follows torch, whenever it happens (``p.requires_grad_(False)`` before or after the
+    build): with every parameter frozen and no input that requires grad, the Block runs once
+    outside autograd (its output needs no grad); a frozen parameter's ``.grad`` is left as it is
+    by later backwards. A parameter frozen *at build* has no gradient storage and cannot be
+    unfrozen later (an error says so).
     """
 
     _module: torch.nn.Module
