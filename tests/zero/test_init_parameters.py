@@ -43,8 +43,11 @@ def _build():  # noqa: ANN202 - returns the test's model classes
                     p = DistributedParameter(shape, init_method=method, group="g" if name in "ce" else None)
                 setattr(self, name, p)
 
+    from bmt_zero import BlockType
+
+    @BlockType.register
     class FakeBlock(torch.nn.Module):
-        """Duck-typed Block: initialises its own parameters, exposes flat storage."""
+        """A registered Block type: initialises its own parameters, exposes flat storage."""
 
         def __init__(self) -> None:
             super().__init__()

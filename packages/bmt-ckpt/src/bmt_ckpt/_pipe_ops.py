@@ -28,7 +28,16 @@ from bmt_comm import Communicator
 
 from .pipe_schedule import MicroBatches
 
-__all__ = ["PipeLink", "PipeIn", "StageRecv", "StageSend", "PipeOut", "BatchArg", "HiddenStatesToOwners"]
+__all__ = [
+    "PipeLink",
+    "PipeIn",
+    "StageRecv",
+    "StageSend",
+    "PipeOut",
+    "BatchArg",
+    "HiddenStatesToOwners",
+    "TieToInput",
+]
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,22 @@ class PipeIn(torch.autograd.Function):
             own = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
             link.exchange([], [(own, 0)])
         return None, (own if ctx.needs_input_grad[1] else None), None
+
+
+class TieToInput(torch.autograd.Function):
+    """``out`` unchanged, tied to the stage's input ``entry``: when a stage runs its layers on the
+    input detached (nothing before it trains), its backward still reaches the pipe ops of the
+    input (collectives every stage runs) and sends them a zero gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
+        ctx.entry_shape, ctx.entry_dtype, ctx.entry_device = entry.shape, entry.dtype, entry.device
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        zeros = torch.zeros(ctx.entry_shape, dtype=ctx.entry_dtype, device=ctx.entry_device)
+        return (grad if ctx.needs_input_grad[0] else None), (zeros if ctx.needs_input_grad[1] else None)
 
 
 class StageRecv(torch.autograd.Function):

@@ -11,6 +11,7 @@ import torch
 from bmt_comm import Communicator
 from bmt_zero.flat_storage import FlatStorage
 from bmt_zero.gather import state_dst
+from bmt_zero.module import BlockType
 from bmt_zero.parameter import DistributedParameter
 
 from .checkpointing import BlockCall, run_block
@@ -32,6 +33,21 @@ class BlockMode(str, Enum):
             raise ValueError(f"mode must be 'BLOCK' or 'PIPE', got {mode!r}") from None
 
 
+def _check_unfrozen(storage: FlatStorage, what: str) -> None:
+    """A parameter frozen when its Block was built lives in a buffer that keeps no gradient;
+    unfrozen later it could not train (1.0.1 drops its gradient without a word)."""
+    for buf in storage.buffers:
+        if buf.layout.key.requires_grad:
+            continue
+        for slot, p in zip(buf.layout.slots, buf.params, strict=True):
+            if p.requires_grad:
+                raise RuntimeError(
+                    f"parameter '{slot.name}' of Block({what}) had requires_grad=False when the Block was "
+                    "built, so its flat storage keeps no gradient; it cannot be unfrozen later. Build the "
+                    "Block with it trainable and freeze it afterwards (requires_grad_(False)) instead"
+                )
+
+
 def _comm_chooser(mode: BlockMode) -> Callable[[DistributedParameter], Communicator]:
     comms = bmt_comm.get_context().comms
     if mode is BlockMode.PIPE:
@@ -49,6 +65,12 @@ class Block(torch.nn.Module):
     again if needed, recomputes, and reduce-scatters (sums) the gradients into the flat shards,
     accumulating until they are zeroed. The inner module is not a registered child: state dict
     keys, ``named_parameters()`` and attribute access are the inner module's own.
+
+    Freezing follows torch, whenever it happens (``p.requires_grad_(False)`` before or after the
+    build): with every parameter frozen and no input that requires grad, the Block runs once
+    outside autograd (its output needs no grad); a frozen parameter's ``.grad`` is left as it is
+    by later backwards. A parameter frozen *at build* has no gradient storage and cannot be
+    unfrozen later (an error says so).
     """
 
     _module: torch.nn.Module
@@ -178,9 +200,15 @@ class Block(torch.nn.Module):
             )
         runtime = self.runtime
         device = bmt_comm.get_context().device
-        flat = [p for p in runtime.storage.flat_parameters() if p.requires_grad]
+        grad_mode = torch.is_grad_enabled()
+        if grad_mode:
+            _check_unfrozen(runtime.storage, type(self._module).__name__)
+        # the flat shards whose parameters train now: a Block frozen after its build (every
+        # parameter requires_grad=False) passes none, so on inputs that need no grad it runs once,
+        # outside autograd, as torch does
+        flat = [b.shard for b in runtime.storage.buffers if b.trainable]
         call, tensors = BlockCall.of(runtime, self._module, self.use_checkpoint, device, args, kwargs, len(flat))
-        if torch.is_grad_enabled() and (flat or any(t.requires_grad for t in tensors)):
+        if grad_mode and (flat or any(t.requires_grad for t in tensors)):
             return run_block(call, flat, tensors)
         runtime.acquire(Phase.FORWARD)  # no graph: nothing is kept for a backward
         try:
@@ -305,3 +333,6 @@ class Block(torch.nn.Module):
     ) -> None:
         load_block_state(self._module, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
         self.runtime.shared.release_if_idle()  # a kept gather is stale now
+
+
+BlockType.register(Block)  # bmt-zero's init_parameters, grouping and wrappers treat it as a Block

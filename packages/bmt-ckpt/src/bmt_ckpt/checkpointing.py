@@ -4,10 +4,11 @@ recompute (activation checkpointing) or reuse the saved graph, and reduce-scatte
 The Block's inner module runs on detached copies of the tensor inputs, so its graph is separate
 from the caller's: backward runs it with ``torch.autograd.backward(..., inputs=...)``, which
 accumulates the parameters' full gradients straight into a full gradient buffer (their ``.grad``
-are views of it) and gives the inputs' gradients. The flat shard parameters that require grad
-are inputs of the function too, so its outputs require grad even when no tensor input does
-(e.g. the first layer after a frozen embedding); their gradients reach ``.grad`` through the
-reduce-scatter, not through autograd.
+are views of it) and gives the inputs' gradients. The flat shard parameters of the buffers
+that train (some parameter in them requires grad) are inputs of the function too, so its outputs
+require grad even when no tensor input does (e.g. the first layer after a frozen embedding);
+their gradients reach ``.grad`` through the reduce-scatter, not through autograd. A Block whose
+parameters are all frozen, called on inputs that need no grad, does not come here at all.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .runtime import BackwardHold, BlockRuntime, Phase, queue_final_callback, track_reduce
+from .runtime import BackwardHold, BlockRuntime, PendingBackward, Phase, queue_final_callback, track_reduce
 
 __all__ = ["BlockCall", "BlockFunction", "RngState", "AutocastState", "run_block"]
 
@@ -142,6 +143,7 @@ class BlockFunction(torch.autograd.Function):
         inputs = tensors[call.n_flat :]
         runtime = call.runtime
         hold = runtime.hold_for_backward()
+        ctx.pending = PendingBackward(runtime)
         if call.use_checkpoint:
             ctx.rng = RngState.capture(call.device)
             ctx.autocast = AutocastState.capture(call.device)
@@ -201,6 +203,7 @@ class BlockFunction(torch.autograd.Function):
         hold: BackwardHold | None = ctx.hold
         if hold is not None:
             hold.done()
+        ctx.pending.done()
         input_grads = [t.grad if t.requires_grad else None for t in leaves]
         return (None,) * (1 + call.n_flat) + tuple(input_grads)
 

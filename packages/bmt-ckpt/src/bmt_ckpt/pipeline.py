@@ -18,7 +18,16 @@ import torch
 from bmt_zero.parameter import DistributedParameter
 from torch.nn.modules.module import _IncompatibleKeys
 
-from ._pipe_ops import BatchArg, HiddenStatesToOwners, PipeIn, PipeLink, PipeOut, StageRecv, StageSend
+from ._pipe_ops import (
+    BatchArg,
+    HiddenStatesToOwners,
+    PipeIn,
+    PipeLink,
+    PipeOut,
+    StageRecv,
+    StageSend,
+    TieToInput,
+)
 from ._pipe_state import (
     collect_layer_states,
     layer_index,
@@ -168,6 +177,18 @@ class PipelineTransformerBlockList(torch.nn.Module):
         link = PipeLink.current()
         if hidden_state.dim() == 0:
             raise ValueError("the hidden state must have a batch dim (dim 0), got a scalar")
+        cut = False  # this stage's input needs no grad: run its layers on it detached
+        if torch.is_grad_enabled():
+            flags = _GradFlags.exchange(link, hidden_state, args, list(self))
+            if not flags.any_graph:
+                # every layer of every stage frozen and no input needs grad: as in torch, the
+                # output needs no grad and each layer runs once, with nothing kept for a backward
+                with torch.no_grad():
+                    return self.forward(
+                        hidden_state, *args, batch_related=batch_related, return_hidden_states=return_hidden_states
+                    )
+            # (the stacked hidden states' backward is a collective every stage must reach: kept whole)
+            cut = not flags.upstream(link.stage) and not return_hidden_states
         batches = MicroBatches(hidden_state.shape[0], link.stages, ctx.micros)
         per_micro, gathered = self._split_args(hidden_state, args, batch_related, link, batches)
         # a leaf that requires grad: every stage's graph reaches PipeIn, even if hidden needs none
@@ -182,10 +203,14 @@ class PipelineTransformerBlockList(torch.nn.Module):
                 h = source[offsets[m] : offsets[m] + size]
             else:
                 h = StageRecv.apply(source, link)  # type: ignore[no-untyped-call]
-            inputs = []
+            inputs, entry = [], h
+            if cut:  # frozen leading layers run once, outside autograd, as torch runs them
+                h = h.detach()
             for idx in self.layer_ids:
                 inputs.append(h)
                 h = self._run_layer(idx, h, per_micro[m])
+            if cut:  # the pipe ops' backward (a collective) still reaches this stage's input
+                h = TieToInput.apply(h, entry)  # type: ignore[no-untyped-call]
             if return_hidden_states:
                 layer_inputs.append(inputs)
             outs.append(h if link.is_last else StageSend.apply(h, link))  # type: ignore[no-untyped-call]
@@ -266,6 +291,37 @@ class PipelineTransformerBlockList(torch.nn.Module):
         """Every layer's child name, same list on every rank (``bmt_zero.store.children_everywhere``):
         ``bmt.load`` loads layer after layer, the other stages following while a stage loads its own."""
         return [str(idx) for idx in range(len(self))]
+
+
+@dataclass(frozen=True)
+class _GradFlags:
+    """What needs a gradient in this forward, over the pipe group: whether any member's inputs
+    do, and which stages hold a trainable parameter."""
+
+    inputs: bool
+    trainable: tuple[bool, ...]  # by stage
+
+    @classmethod
+    def exchange(cls, link: PipeLink, hidden: torch.Tensor, args: tuple[Any, ...], blocks: list[Block]) -> _GradFlags:
+        """Collective over the pipe group: one all-gather of two flags per stage (none with one stage)."""
+        inputs = hidden.requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        trainable = any(p.requires_grad for block in blocks for p in block.parameters())
+        if link.stages == 1:
+            return cls(inputs, (trainable,))
+        mine = torch.tensor([float(inputs), float(trainable)], device=link.device)
+        every = torch.empty(2 * link.stages, device=link.device)
+        with link.on_stream():
+            link.comm.all_gather(mine, every)
+        flags = [bool(v) for v in every.tolist()]
+        return cls(any(flags[0::2]), tuple(flags[1::2]))
+
+    @property
+    def any_graph(self) -> bool:
+        return self.inputs or any(self.trainable)
+
+    def upstream(self, stage: int) -> bool:
+        """Whether stage ``stage``'s input needs a gradient (an input, or an earlier stage, trains)."""
+        return self.inputs or any(self.trainable[:stage])
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ __all__ = [
     "SharedStorage",
     "BlockRuntime",
     "BackwardHold",
+    "PendingBackward",
     "queue_final_callback",
     "track_reduce",
 ]
@@ -165,12 +166,30 @@ class BackwardHold:
         self.done()
 
 
+class PendingBackward:
+    """A graph through a Block whose backward has not run yet: ends at that backward, or when the
+    graph dies. A Block with none (frozen, or run outside autograd) is not prefetched in backward."""
+
+    def __init__(self, runtime: BlockRuntime) -> None:
+        self._runtime: BlockRuntime | None = runtime
+        runtime.pending_graphs += 1
+
+    def done(self) -> None:
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            runtime.pending_graphs -= 1
+
+    def __del__(self) -> None:
+        self.done()
+
+
 class BlockRuntime:
     """How one Block uses its (maybe shared) storage, and which Blocks run before and after it."""
 
     def __init__(self, shared: SharedStorage, policy: ReleasePolicy) -> None:
         self.shared = shared
         self.policy = policy
+        self.pending_graphs = 0  # graphs through this Block still to run backward (PendingBackward)
         self._pre: weakref.ref[BlockRuntime] | None = None
         self._next: weakref.ref[BlockRuntime] | None = None
 
@@ -212,7 +231,9 @@ class BlockRuntime:
         self.storage.wait()  # backward: the kept gather, the prefetched one, or a new one
         neighbour = self.next_runtime() if phase is Phase.FORWARD else self.pre_runtime()
         if neighbour is not None and neighbour.shared is not shared:
-            _PREFETCH.issue(neighbour.shared)
+            # in backward only a Block that will run backward too: never a frozen lower layer
+            if phase is Phase.FORWARD or neighbour.pending_graphs > 0:
+                _PREFETCH.issue(neighbour.shared)
         shared.in_use += 1
 
     def bind(self, grads: list[torch.Tensor | None] | None = None) -> None:

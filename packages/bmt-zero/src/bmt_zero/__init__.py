@@ -5,7 +5,7 @@ from .flat_storage import FlatStorage
 from .gather import gather_for_state, gather_full, gather_to
 from .grouping import grouped_parameters
 from .init_params import init_parameters
-from .module import DistributedModule
+from .module import BlockType, DistributedModule
 from .parameter import DistributedParameter, InitMethod, ParameterInitializer
 from .partition import Partition
 from .reads import reused_gathers
@@ -13,6 +13,7 @@ from .store import load, load_sharded, save, save_sharded
 from .wrapper import make_distributed
 
 __all__ = [
+    "BlockType",
     "DistributedModule",
     "DistributedParameter",
     "FlatStorage",

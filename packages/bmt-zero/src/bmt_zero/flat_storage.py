@@ -303,6 +303,12 @@ class FlatBuffer:
         return [full[s.offset : s.offset + s.numel].view(s.shape) for s in self.layout.slots]
 
     # --- gradients ---------------------------------------------------------------------
+    @property
+    def trainable(self) -> bool:
+        """Whether a backward gives this buffer gradients now: it keeps gradients and at least
+        one of its parameters requires grad (a parameter frozen after the build does not)."""
+        return self.layout.key.requires_grad and any(p.requires_grad for p in self.params)
+
     def new_full_grad(self) -> torch.Tensor:
         """A zeroed full-size gradient buffer (on the current stream)."""
         return torch.zeros(self.layout.total, dtype=self.layout.key.dtype, device=self.device)
@@ -335,9 +341,12 @@ class FlatBuffer:
         return ReduceHandle(full_grad, event)
 
     def _attach_grads(self) -> tuple[torch.Tensor, bool]:
-        """The shard's gradient, every parameter's ``.grad`` a view of it, and whether none of its
-        values is to be kept (then the reduce-scatter overwrites it). Allocated, and stale parts
-        zeroed, on the current stream, which the load stream waits for."""
+        """The shard's gradient, every trainable parameter's ``.grad`` a view of it, and whether
+        none of its values is to be kept (then the reduce-scatter overwrites it). A frozen
+        parameter's ``.grad`` is left as it is: when it is still a view of the shard's gradient,
+        its values are kept (the reduce adds zeros there), as torch leaves a frozen ``.grad``
+        alone. Allocated, and stale parts zeroed, on the current stream, which the load stream
+        waits for."""
         fresh = self.shard.grad is None
         if fresh:
             self.shard.grad = torch.empty_like(self.shard.detach())
@@ -347,12 +356,10 @@ class FlatBuffer:
         stale: list[tuple[DistributedParameter, int, int]] = []
         kept = False
         for slot, p, (lo, hi) in zip(self.layout.slots, self.params, self.local_ranges, strict=True):
-            if not p.requires_grad:
-                continue
             dst = slot.offset + lo - part_start
             if _is_view_at(p.grad, grad, dst, hi - lo):
                 kept = kept or hi > lo
-            else:
+            elif p.requires_grad:
                 stale.append((p, dst, hi - lo))
         overwrite = fresh or not kept
         for p, dst, n in stale:
@@ -525,8 +532,9 @@ class FlatStorage:
             b.bind_shard()
 
     def new_full_grads(self) -> list[torch.Tensor | None]:
-        """A zeroed full gradient buffer per flat buffer that takes gradients (None for frozen)."""
-        return [b.new_full_grad() if b.layout.key.requires_grad else None for b in self.buffers]
+        """A zeroed full gradient buffer per trainable flat buffer (None for one whose parameters
+        are all frozen: nothing is reduced into it, so its parameters' ``.grad`` stay as they are)."""
+        return [b.new_full_grad() if b.trainable else None for b in self.buffers]
 
     def reduce_scatter_grads(self, grads: Sequence[torch.Tensor | None]) -> list[ReduceHandle]:
         return [b.reduce_scatter_grad(g) for b, g in zip(self.buffers, grads, strict=True) if g is not None]

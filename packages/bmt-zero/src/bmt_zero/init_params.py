@@ -73,16 +73,18 @@ def _runs_own(module: torch.nn.Module) -> bool:
 def _run_own(module: torch.nn.Module) -> None:
     _ACTIVE.add(id(module))
     try:
-        method: Callable[[], object] = getattr(module, "init_parameters")  # noqa: B009 - duck-typed Block
+        method: Callable[[], object] = getattr(module, "init_parameters")  # noqa: B009 - a registered BlockType
         method()
     finally:
         _ACTIVE.discard(id(module))
 
 
 def init_parameters(model: torch.nn.Module) -> None:
-    """Initialise every DistributedParameter that has an ``init_method``; Blocks (anything with an
-    ``init_parameters()`` method) initialise their own. Parameters without one keep their values;
-    a parameter shared by several modules is initialised once."""
+    """Initialise every DistributedParameter that has an ``init_method``; Blocks (modules of a
+    registered :class:`~bmt_zero.module.BlockType`) initialise their own. Any other module is
+    walked, whatever methods it has (a user's ``init_parameters`` method is not called).
+    Parameters without an ``init_method`` keep their values; a parameter shared by several
+    modules is initialised once."""
     done: set[int] = set()
     scratch = _Scratch()
     for module in _walk(model, set()):

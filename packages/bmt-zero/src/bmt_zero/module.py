@@ -3,6 +3,7 @@ tensors, while each rank stores only its shard."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -13,15 +14,31 @@ from .gather import gather_for_state, keeps_state, tp_chunk
 from .parameter import DistributedParameter
 from .reads import enter_scope, exit_scope, read_full
 
-__all__ = ["DistributedModule", "ShardSource", "load_distributed_param", "load_plain_tensor", "is_block"]
+__all__ = [
+    "BlockType",
+    "DistributedModule",
+    "ShardSource",
+    "load_distributed_param",
+    "load_plain_tensor",
+    "is_block",
+]
 
 _EXTRA_STATE_KEY = "_extra_state"
 
 
+class BlockType(abc.ABC):  # noqa: B024 - a registry for isinstance, nothing to implement
+    """The kind of module bmt-zero treats as a Block: it keeps its parameters in its own flat
+    storage, initialises them itself (``init_parameters()``) and lists its flat parameters
+    (``grouped_parameters()``). bmt-ckpt's Block registers itself (a lower package never imports
+    a higher one): ``BlockType.register(cls)``. A module is a Block by registration only, never
+    because it has a method of that name (1.0.1 tests ``isinstance(module, Block)``)."""
+
+    __slots__ = ()
+
+
 def is_block(module: torch.nn.Module) -> bool:
-    """Duck type of bmt-ckpt's Block (a lower package never imports a higher one): it initialises
-    its own parameters, which live in its flat storage."""
-    return callable(getattr(module, "init_parameters", None))
+    """Whether ``module`` is a registered Block (see :class:`BlockType`)."""
+    return isinstance(module, BlockType)
 
 
 @runtime_checkable
