@@ -8,6 +8,7 @@ from .context import Communicators, DistContext, get_context, is_initialized
 from .init import destroy, init_distributed
 from .objects import allgather_objects, broadcast_object
 from .streams import Streams, current_stream, record_stream, stream_context, wait_stream
+from .timeouts import CollectiveError
 from .sync import gather_result, sum_loss, synchronize, wait_loader
 from .topology import GroupKind, Topology
 from .torch_communicator import TorchCommunicator
@@ -24,6 +25,7 @@ from .utils import (
 
 __all__ = [
     "AverageRecorder",
+    "CollectiveError",
     "Communicator",
     "Communicators",
     "ConfigView",
