@@ -58,13 +58,13 @@ def test_dead_or_stuck_rank_fails_every_other_rank_with_a_named_error(
 
 @pytest.mark.parametrize("how", ["kill", "stuck"])
 def test_a_sub_group_names_itself(how: str) -> None:
-    # tp_size=2 at world 4: zero groups [0, 2] and [1, 3]; rank 3 fails, rank 1 (its zero peer) reports
+    # tp_size=2 at world 4: tp_zero groups [0, 2] and [1, 3]; rank 3 fails, rank 1 (its peer) reports
     outcomes = run_distributed_outcomes(
-        _peer_fails, 4, 3, how, "zero",
+        _peer_fails, 4, 3, how, "tp_zero",
         init_kwargs={"timeout": TIMEOUT_S, "tp_size": 2}, env=CPU, timeout=60, watch=[1],
     )
     err = outcomes[1]
-    assert err.status == "error" and "all_reduce on group zero" in err.traceback, err
+    assert err.status == "error" and "all_reduce on group tp_zero/pp_tp_zero" in err.traceback, err
     assert "global ranks [1, 3]" in err.traceback and err.elapsed < 20
     if how == "stuck":
         assert "did not arrive or report this failure: [3]" in err.traceback
