@@ -46,7 +46,7 @@ def test_dead_or_stuck_rank_fails_every_other_rank_with_a_named_error(
         out = outcomes[rank]
         assert out.status == "error", f"rank {rank}: {out}"
         assert "bmt_comm.timeouts.CollectiveError" in out.traceback, out.traceback
-        assert f"all_reduce on group world" in out.traceback and f"global ranks {list(range(world_size))}" in out.traceback
+        assert "all_reduce on group world" in out.traceback and f"global ranks {list(range(world_size))}" in out.traceback
         assert f"timeout {TIMEOUT_S}s" in out.traceback
         assert out.elapsed < 20, f"rank {rank} took {out.elapsed:.1f}s to fail"
         if how == "stuck":  # every live rank reached the collective, so the stuck one is named

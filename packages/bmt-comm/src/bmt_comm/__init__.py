@@ -8,8 +8,8 @@ from .context import Communicators, DistContext, get_context, is_initialized
 from .init import destroy, init_distributed
 from .objects import allgather_objects, broadcast_object
 from .streams import Streams, current_stream, record_stream, stream_context, wait_stream
-from .timeouts import CollectiveError
 from .sync import gather_result, sum_loss, synchronize, wait_loader
+from .timeouts import CollectiveError
 from .topology import GroupKind, Topology
 from .torch_communicator import TorchCommunicator
 from .utils import (

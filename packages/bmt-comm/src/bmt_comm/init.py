@@ -19,8 +19,8 @@ from .arguments import check_init_arguments
 from .communicator import Communicator
 from .context import Communicators, DistContext, _set_context, get_context, is_initialized
 from .streams import make_streams
-from .topology import GroupKind, Topology
 from .timeouts import DEFAULT_TIMEOUT
+from .topology import GroupKind, Topology
 from .torch_communicator import TorchCommunicator
 
 __all__ = ["init_distributed", "destroy", "LaunchEnv"]
@@ -217,9 +217,9 @@ def _transport(
         # shares the gloo group of objects; destroy() releases it
         if not member:
             return None
-        pg = object_groups[ranks]
-        known = timeout if pg is not dist.group.WORLD else world_timeout
-        return TorchCommunicator(pg, ranks, ranks.index(topo.rank), device, timeout=known, store=store,
+        gloo = object_groups[ranks]
+        known = timeout if gloo is not dist.group.WORLD else world_timeout
+        return TorchCommunicator(gloo, ranks, ranks.index(topo.rank), device, timeout=known, store=store,
                                  label=label, generation=str(_GENERATION))
     # torch transport on GPUs: the NCCL side of the default group; new_group is collective.
     # A default group without NCCL (gloo only) cannot carry CUDA tensors: make an NCCL group.

@@ -175,7 +175,7 @@ class NcclCommunicator(Communicator):
         """After enqueueing: an event on the stream, watched until it completes."""
         if self.timeout is None or self._grouped is not None:
             return
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(self._device))
         get_watchdog().watch(op, self, event, self.timeout, self.label)
 
