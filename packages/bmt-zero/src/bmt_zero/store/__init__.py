@@ -4,7 +4,7 @@ safetensors file per rank that loads at any world size (``save_sharded``/``load_
 from bmt_comm import allgather_objects, broadcast_object
 
 from .atomic import atomic_write
-from .gathered import _save_to_local_rank0, _save_to_rank0, load, load_state_into, save
+from .gathered import _save_to_local_rank0, _save_to_rank0, load, load_state_into, save, wait_for_save
 from .infer import _save_to_infer_model
 from .sharded import load_sharded, save_sharded
 from .view import DistributedStateDictWrapper, DistributedTensorWrapper
@@ -23,4 +23,5 @@ __all__ = [
     "load_state_into",
     "save",
     "save_sharded",
+    "wait_for_save",
 ]

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..parameter import DistributedParameter
-from .atomic import atomic_write, describe, replace_dir
+from .atomic import atomic_write, describe, follow_umask, replace_dir
 from .model_keys import KeyedTensor, Path, extra_state_entries, merge_keys, state_entries
 from .report import finish_load
 
@@ -237,6 +237,7 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
                 tensors[e.key] = t.detach().to("cpu", copy=True).contiguous()
         path = os.path.join(tmp, shard_file_name(rank, size))
         save_file(tensors, path)
+        follow_umask(path)  # safetensors creates it 0600; a checkpoint follows the umask
         _fsync_file(path)
     except Exception as ex:
         error = ex
