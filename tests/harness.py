@@ -16,7 +16,8 @@ import queue
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -56,6 +57,7 @@ def _worker(
     init_kwargs: Mapping[str, Any] | None,
     env: dict[str, str],
     results: Any,
+    bmt_creates_group: bool = False,
 ) -> None:
     try:
         os.environ.update(env)
@@ -66,26 +68,38 @@ def _worker(
         import torch.distributed as dist
 
         torch.set_num_threads(1)  # N ranks share 2 cores: oversubscription slows every collective
-        store = dist.FileStore(store_path, world_size)
-        # with GPUs the default group also carries CUDA tensors (torch transport, user interop)
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-        )
         import bmt_comm
 
-        if init_kwargs is not None:
-            bmt_comm.init_distributed(**init_kwargs)
-        out = fn(*args)
+        if bmt_creates_group:  # init_distributed makes the default group, with its own timeout
+            bmt_comm.init_distributed(init_method=f"file://{store_path}", **(init_kwargs or {}))
+        else:
+            store = dist.FileStore(store_path, world_size)
+            # with GPUs the default group also carries CUDA tensors (torch transport, user interop)
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world_size,
+                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+            )
+            if init_kwargs is not None:
+                bmt_comm.init_distributed(**init_kwargs)
+        started = time.monotonic()
+        try:
+            out = fn(*args)
+        except BaseException:
+            results.put(("error", rank, traceback.format_exc(), time.monotonic() - started))
+            return
+        if bmt_creates_group:
+            bmt_comm.destroy()  # it owns the default group too
+            results.put(("ok", rank, pickle.dumps(out), time.monotonic() - started))
+            return
         if init_kwargs is not None and bmt_comm.is_initialized():
             bmt_comm.destroy()
         dist.destroy_process_group()
         # plain pickle copies tensors by value; the queue's own pickler would pass shared-memory
         # handles that die with this process
-        results.put(("ok", rank, pickle.dumps(out)))
+        results.put(("ok", rank, pickle.dumps(out), time.monotonic() - started))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
-        results.put(("error", rank, traceback.format_exc()))
+        results.put(("error", rank, traceback.format_exc(), 0.0))
 
 
 class DistributedTestError(AssertionError):
@@ -133,7 +147,7 @@ def run_distributed(
                         f"ranks {missing} never finished (a hung collective?)"
                     )
                 try:
-                    status, rank, payload = results.get(timeout=min(remaining, 1.0))
+                    status, rank, payload, _ = results.get(timeout=min(remaining, 1.0))
                 except queue.Empty:
                     dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode not in (None, 0)]
                     if dead:
@@ -155,3 +169,69 @@ def run_distributed(
                 p.join(timeout=5)
             results.close()
     return [outputs[r] for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one rank ended: ``ok`` (value), ``error`` (traceback), ``exit`` (exit code, no
+    report), ``hung`` (still running at the deadline); ``elapsed`` s from ``fn``'s start."""
+
+    status: str
+    value: Any = None
+    traceback: str = ""
+    exitcode: int | None = None
+    elapsed: float = 0.0
+
+
+def run_distributed_outcomes(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    init_kwargs: Mapping[str, Any] | None = MappingProxyType({}),
+    env: dict[str, str] | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+    bmt_creates_group: bool = False,
+    watch: Sequence[int] | None = None,
+) -> list[Outcome]:
+    """Like :func:`run_distributed` but no rank's failure stops the others: every rank's outcome,
+    by rank, once each has reported, died, or outlived ``timeout`` (then it is killed). With
+    ``watch``, the run ends as soon as those ranks have ended (the others are killed: ``hung``)."""
+    init = dict(init_kwargs) if init_kwargs is not None else None
+    ctx = _context()
+    results = ctx.Queue()
+    outcomes: dict[int, Outcome] = {}
+    with tempfile.TemporaryDirectory(prefix="bmt-dist-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, world_size, store_path, fn, args, init, env or {}, results, bmt_creates_group),
+                daemon=True,
+            )
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        try:
+            needed = set(range(world_size) if watch is None else watch)
+            while not needed <= set(outcomes) and time.monotonic() < deadline:
+                try:
+                    status, rank, payload, elapsed = results.get(timeout=0.5)
+                except queue.Empty:
+                    for r, p in enumerate(procs):
+                        if r not in outcomes and p.exitcode is not None and results.empty():
+                            outcomes[r] = Outcome("exit", exitcode=p.exitcode)
+                    continue
+                if status == "ok":
+                    outcomes[rank] = Outcome("ok", value=pickle.loads(payload), elapsed=elapsed)
+                else:
+                    outcomes[rank] = Outcome("error", traceback=payload, elapsed=elapsed)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=5)
+            results.close()
+    return [outcomes.get(r, Outcome("hung")) for r in range(world_size)]

@@ -189,8 +189,8 @@ def _check_init(expected_draws: tuple[list[float], float, float]) -> tuple[list[
     # bad arguments leave the process uninitialized and ready for a good call
     with pytest.raises(ValueError, match=rf"world_size \({n}\) must be divisible by pipe_size \(3\) \* tp_size \(1\)"):
         bmt_comm.init_distributed(pipe_size=3)  # n is 1, 2 or 4
-    with pytest.raises(ValueError, match=r"num_micro_batches must be >= 1, got 0"):
-        bmt_comm.init_distributed(num_micro_batches=0)
+    with pytest.raises(ValueError, match=r"num_micro_batches=...\) must be >= 1 \(or None/0 for one per stage\), got -1"):
+        bmt_comm.init_distributed(num_micro_batches=-1)  # 0 means one per stage, as in 1.0.1
     os.environ["WORLD_SIZE"] = str(n + 1)
     try:
         with pytest.raises(RuntimeError, match=rf"group has world size {n} but WORLD_SIZE is {n + 1}"):

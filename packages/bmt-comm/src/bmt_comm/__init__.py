@@ -9,6 +9,7 @@ from .init import destroy, init_distributed
 from .objects import allgather_objects, broadcast_object
 from .streams import Streams, current_stream, record_stream, stream_context, wait_stream
 from .sync import gather_result, sum_loss, synchronize, wait_loader
+from .timeouts import CollectiveError
 from .topology import GroupKind, Topology
 from .torch_communicator import TorchCommunicator
 from .utils import (
@@ -24,6 +25,7 @@ from .utils import (
 
 __all__ = [
     "AverageRecorder",
+    "CollectiveError",
     "Communicator",
     "Communicators",
     "ConfigView",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,7 @@ class DistContext:
     pipe_enabled: bool  # pipe_size > 0 was passed, even 1
     micros: int  # pipeline micro-batches
     seed: int
+    timeout: datetime.timedelta  # every collective of bmt's groups (init_distributed(timeout=...))
     owns_default_group: bool  # we created torch's default group, so destroy() tears it down
     store: Store | None
     object_groups: dict[tuple[int, ...], dist.ProcessGroup]  # gloo groups for pickled objects

@@ -15,15 +15,16 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import HashStore, Store
 
+from .arguments import check_init_arguments
 from .communicator import Communicator
 from .context import Communicators, DistContext, _set_context, get_context, is_initialized
 from .streams import make_streams
+from .timeouts import DEFAULT_TIMEOUT
 from .topology import GroupKind, Topology
 from .torch_communicator import TorchCommunicator
 
 __all__ = ["init_distributed", "destroy", "LaunchEnv"]
 
-_DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 _GENERATION = 0  # how many times this process has built communicators (NCCL store keys)
 
 
@@ -70,7 +71,9 @@ def _select_backend(device: torch.device) -> str:
     return "torch" if choice == "torch" else "nccl"
 
 
-def _ensure_default_group(env: LaunchEnv, init_method: str, device: torch.device) -> bool:
+def _ensure_default_group(
+    env: LaunchEnv, init_method: str, device: torch.device, timeout: datetime.timedelta = DEFAULT_TIMEOUT
+) -> bool:
     """Reuse torch's default group if the user made one, else create it. True if we created it."""
     if dist.is_initialized():
         return False
@@ -78,7 +81,7 @@ def _ensure_default_group(env: LaunchEnv, init_method: str, device: torch.device
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ and init_method == "env://":
         # a lone process needs no rendezvous (and no port)
-        dist.init_process_group(backend, store=HashStore(), rank=0, world_size=1, timeout=_DEFAULT_TIMEOUT)
+        dist.init_process_group(backend, store=HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         if init_method == "env://":  # the reference's defaults, which torchrun would have exported
             os.environ.setdefault("MASTER_ADDR", "localhost")
@@ -88,7 +91,7 @@ def _ensure_default_group(env: LaunchEnv, init_method: str, device: torch.device
             init_method=init_method,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=_DEFAULT_TIMEOUT,
+            timeout=timeout,
         )
     return True
 
@@ -102,14 +105,14 @@ def _default_store() -> Store | None:
         return None
 
 
-def _check_same_arguments(args: dict[str, int], topo: Topology) -> None:
+def _check_same_arguments(args: dict[str, float], topo: Topology) -> None:
     """Every rank must pass the same layout and seed: one object all-gather on the default group,
     before any group is made from a topology the ranks might not share (a hang or a crash there)."""
     if topo.world_size == 1:
         return
     everyone: list[Any] = [None] * topo.world_size
     dist.all_gather_object(everyone, args)
-    first: dict[str, int] = everyone[0]
+    first: dict[str, float] = everyone[0]
     for rank, theirs in enumerate(everyone):
         for key, value in theirs.items():
             if value != first[key]:
@@ -130,18 +133,22 @@ def _distinct_rank_sets(topo: Topology) -> list[tuple[int, ...]]:
     return rank_sets
 
 
-def _object_groups(topo: Topology, device: torch.device) -> dict[tuple[int, ...], dist.ProcessGroup]:
+def _object_groups(
+    topo: Topology, device: torch.device, timeout: datetime.timedelta, reuse_world: bool
+) -> dict[tuple[int, ...], dist.ProcessGroup]:
     """A gloo group per rank set: pickled objects and CPU tensors travel on it, never on NCCL.
 
-    ``dist.new_group`` is collective over the world, so every rank creates every group.
+    ``dist.new_group`` is collective over the world, so every rank creates every group. Each gets
+    ``timeout``; the default group is reused for the world only when ``reuse_world`` (its timeout
+    is ours, or none was asked for).
     """
     groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
     world = tuple(range(topo.world_size))
     for ranks in _distinct_rank_sets(topo):
-        if ranks == world and device.type == "cpu" and dist.get_backend() == "gloo":
+        if ranks == world and reuse_world and device.type == "cpu" and dist.get_backend() == "gloo":
             groups[ranks] = dist.group.WORLD  # type: ignore[assignment]
             continue
-        pg = dist.new_group(list(ranks), backend="gloo")
+        pg = dist.new_group(list(ranks), backend="gloo", timeout=timeout)
         if topo.rank in ranks:
             groups[ranks] = pg
     return groups
@@ -153,6 +160,9 @@ def _build_communicators(
     backend: str,
     store: Store | None,
     object_groups: dict[tuple[int, ...], dist.ProcessGroup],
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    reuse_world: bool = True,
+    world_timeout: datetime.timedelta | None = None,
 ) -> Communicators:
     """One communicator per distinct rank set; kinds with the same members share it.
 
@@ -169,7 +179,7 @@ def _build_communicators(
     try:
         for index, ranks in enumerate(_distinct_rank_sets(topo)):
             comm = _transport(topo, ranks, f"bmt_nccl_uid/{_GENERATION}/{index}", device, backend, store,
-                              object_groups)
+                              object_groups, timeout, reuse_world, world_timeout)
             if comm is not None:
                 mine[ranks] = comm
     except BaseException:
@@ -187,9 +197,13 @@ def _transport(
     backend: str,
     store: Store | None,
     object_groups: dict[tuple[int, ...], dist.ProcessGroup],
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    reuse_world: bool = True,
+    world_timeout: datetime.timedelta | None = None,
 ) -> Communicator | None:
     """This rank's communicator over ``ranks`` (None if not a member). Called by every rank."""
     member = topo.rank in ranks
+    label = "/".join(kind.value for kind in GroupKind if topo.group_ranks(kind) == ranks) if member else ""
     if backend == "nccl":
         if not member:
             return None
@@ -197,18 +211,27 @@ def _transport(
 
         if store is None:
             raise RuntimeError("NCCL communicators need torch.distributed's default store")
-        return NcclCommunicator.from_store(store, key, ranks, ranks.index(topo.rank), device)
+        return NcclCommunicator.from_store(store, key, ranks, ranks.index(topo.rank), device,
+                                           timeout=timeout, label=label)
     if device.type == "cpu":
         # shares the gloo group of objects; destroy() releases it
-        return TorchCommunicator(object_groups[ranks], ranks, ranks.index(topo.rank), device) if member else None
+        if not member:
+            return None
+        gloo = object_groups[ranks]
+        known = timeout if gloo is not dist.group.WORLD else world_timeout
+        return TorchCommunicator(gloo, ranks, ranks.index(topo.rank), device, timeout=known, store=store,
+                                 label=label, generation=str(_GENERATION))
     # torch transport on GPUs: the NCCL side of the default group; new_group is collective.
     # A default group without NCCL (gloo only) cannot carry CUDA tensors: make an NCCL group.
-    world = len(ranks) == topo.world_size and "nccl" in str(dist.get_backend()).lower()
-    pg = dist.group.WORLD if world else dist.new_group(list(ranks), backend="nccl")
+    world = reuse_world and len(ranks) == topo.world_size and "nccl" in str(dist.get_backend()).lower()
+    pg = dist.group.WORLD if world else dist.new_group(list(ranks), backend="nccl", timeout=timeout)
     if not member:
         return None
     assert pg is not None  # WORLD exists once the default group does
-    return TorchCommunicator(pg, ranks, ranks.index(topo.rank), device, owns_group=not world)
+    return TorchCommunicator(pg, ranks, ranks.index(topo.rank), device, owns_group=not world,
+                             timeout=timeout if not world else world_timeout,
+                             store=store, label=label, generation=str(_GENERATION))
+
 
 
 def init_distributed(
@@ -217,22 +240,26 @@ def init_distributed(
     pipe_size: int = -1,
     num_micro_batches: int | None = None,
     tp_size: int = 1,
+    timeout: float | datetime.timedelta | None = None,
 ) -> None:
     """Set up this process for BMTrain: process group, topology, communicators, streams, seeds.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (and MASTER_ADDR/PORT) as torchrun sets
     them; with none set, a one-process world. An existing torch.distributed default group is
     reused. Every rank is seeded with the same ``seed``.
+
+    ``timeout`` (seconds or a timedelta; else ``BMT_TIMEOUT`` seconds; else 1800 s) bounds every
+    collective of every group bmt makes, and of the default group when bmt makes it: a
+    collective past it fails on every rank with a ``bmt_comm.CollectiveError`` naming it.
     """
     if is_initialized():
         raise RuntimeError(
             "init_distributed() was already called in this process; call bmt_comm.destroy() "
             "first to re-initialize"
         )
+    args = check_init_arguments(init_method, seed, pipe_size, num_micro_batches, tp_size, timeout)
+    seed, pipe, tp, pipe_enabled = args.seed, args.pipe_size, args.tp_size, args.pipe_enabled
     env = LaunchEnv.from_environ()
-    pipe_enabled = pipe_size > 0
-    pipe = pipe_size if pipe_enabled else 1
-    tp = tp_size if tp_size > 0 else 1
     if dist.is_initialized():  # the user's group decides rank and world size
         if "WORLD_SIZE" in os.environ and dist.get_world_size() != env.world_size:
             raise RuntimeError(
@@ -241,9 +268,7 @@ def init_distributed(
             )
         env = LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.local_size)
     topo = Topology(rank=env.rank, world_size=env.world_size, pipe_size=pipe, tp_size=tp)
-    micros = num_micro_batches if num_micro_batches is not None else pipe
-    if micros < 1:
-        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+    micros = args.num_micro_batches if args.num_micro_batches is not None else pipe
 
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
@@ -251,13 +276,22 @@ def init_distributed(
     else:
         device = torch.device("cpu")
     backend = _select_backend(device)
-    owns = _ensure_default_group(env, init_method, device)
+    owns = _ensure_default_group(env, args.init_method, device, args.timeout)
+    # the user's default group keeps its own timeout: when one was asked for, bmt's world
+    # communicator gets a group of its own instead of reusing the user's
+    reuse_world = owns or not args.timeout_given
+    world_timeout = args.timeout if owns else None
     object_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
     try:
-        _check_same_arguments({"pipe_size": pipe, "tp_size": tp, "num_micro_batches": micros, "seed": seed}, topo)
+        _check_same_arguments(
+            {"pipe_size": pipe, "tp_size": tp, "num_micro_batches": micros, "seed": seed,
+             "timeout": args.timeout.total_seconds()},
+            topo,
+        )
         store = _default_store()
-        object_groups = _object_groups(topo, device)
-        comms = _build_communicators(topo, device, backend, store, object_groups)
+        object_groups = _object_groups(topo, device, args.timeout, reuse_world)
+        comms = _build_communicators(topo, device, backend, store, object_groups, args.timeout, reuse_world,
+                                     world_timeout)
     except BaseException:
         # leave the process as we found it, so the user can fix the cause and call us again
         _release_groups(object_groups, owns)
@@ -281,6 +315,7 @@ def init_distributed(
             pipe_enabled=pipe_enabled,
             micros=micros,
             seed=seed,
+            timeout=args.timeout,
             owns_default_group=owns,
             store=store,
             object_groups=object_groups,

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from .communicator import Communicator
 from .context import get_context
+from .timeouts import guard
 
 __all__ = ["broadcast_object", "allgather_objects"]
 
@@ -34,7 +35,8 @@ def broadcast_object(obj: Any, comm: Communicator | None = None, src: int = 0) -
     if comm.size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=comm.global_ranks[src], group=_process_group(comm))
+    with guard("broadcast_object", comm.global_ranks, comm.global_ranks[comm.rank], ctx.timeout):
+        dist.broadcast_object_list(box, src=comm.global_ranks[src], group=_process_group(comm))
     return box[0]
 
 
@@ -45,5 +47,6 @@ def allgather_objects(obj: Any, comm: Communicator | None = None) -> list[Any]:
     if comm.size == 1:
         return [obj]
     out: list[Any] = [None] * comm.size
-    dist.all_gather_object(out, obj, group=_process_group(comm))
+    with guard("allgather_objects", comm.global_ranks, comm.global_ranks[comm.rank], ctx.timeout):
+        dist.all_gather_object(out, obj, group=_process_group(comm))
     return out

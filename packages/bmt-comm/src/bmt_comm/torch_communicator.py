@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .communicator import Communicator, ReduceOp
+from .timeouts import guard
 
 __all__ = ["TorchCommunicator"]
 
@@ -67,6 +70,10 @@ class TorchCommunicator(Communicator):
         rank: int,
         device: torch.device,
         owns_group: bool = False,
+        timeout: datetime.timedelta | None = None,
+        store: Any = None,
+        label: str = "",
+        generation: str = "",
     ) -> None:
         if not 0 <= rank < len(global_ranks):
             raise ValueError(f"rank ({rank}) must be in [0, {len(global_ranks)}) for ranks {global_ranks}")
@@ -78,6 +85,20 @@ class TorchCommunicator(Communicator):
         self._device = device
         self._owns_group = owns_group  # close() destroys the group only if we made it for this communicator
         self._pending_p2p: list[dist.P2POp] | None = None  # set inside group(): p2p ops wait to be posted
+        self.timeout = timeout  # the group's own timeout (None: the caller's group, timeout unknown)
+        self.label = label  # the group kinds it serves, for error messages
+        self._store = store  # where a failing member looks up which members failed with it
+        self._generation = generation  # the init's key space in the store
+        self._seq = 0  # collectives run so far: the same count on every member, so a shared store key
+
+    def guarded(self, op: str, collective: bool = True) -> contextlib.AbstractContextManager[None]:
+        """A transport failure inside becomes a CollectiveError naming ``op`` and this group."""
+        seq: int | None = None
+        if collective:
+            seq = self._seq
+            self._seq += 1
+        return guard(op, self._ranks, self._ranks[self._rank], self.timeout,
+                     self._store if collective else None, seq, self.label, self._generation)
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -115,7 +136,8 @@ class TorchCommunicator(Communicator):
         if self.size == 1:
             output.view(-1).copy_(input.view(-1))
             return
-        _all_gather_single(_as_bytes(output), _as_bytes(input), group=self._live_group())
+        with self.guarded("all_gather"):
+            _all_gather_single(_as_bytes(output), _as_bytes(input), group=self._live_group())
 
     def _reduce_scatter(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp) -> None:
         _check_reducible(f"reduce_scatter({op.value})", input)
@@ -127,10 +149,12 @@ class TorchCommunicator(Communicator):
         pg = self._live_group()
         if input.dtype == torch.bool:
             tmp = torch.empty_like(out, dtype=torch.uint8)
-            _reduce_scatter_single(tmp, inp.to(torch.uint8), op=_TORCH_OPS[_bool_op(op)], group=pg)
+            with self.guarded("reduce_scatter"):
+                _reduce_scatter_single(tmp, inp.to(torch.uint8), op=_TORCH_OPS[_bool_op(op)], group=pg)
             out.copy_(tmp.bool())
             return
-        _reduce_scatter_single(out, inp, op=self._torch_op(op), group=pg)
+        with self.guarded("reduce_scatter"):
+            _reduce_scatter_single(out, inp, op=self._torch_op(op), group=pg)
         if op is ReduceOp.AVG:
             self._finish_avg(out)
 
@@ -143,10 +167,12 @@ class TorchCommunicator(Communicator):
         pg = self._live_group()
         if output.dtype == torch.bool:
             tmp = output.to(torch.uint8)
-            dist.all_reduce(tmp, op=_TORCH_OPS[_bool_op(op)], group=pg)
+            with self.guarded("all_reduce"):
+                dist.all_reduce(tmp, op=_TORCH_OPS[_bool_op(op)], group=pg)
             output.copy_(tmp.bool())
             return
-        dist.all_reduce(output, op=self._torch_op(op), group=pg)
+        with self.guarded("all_reduce"):
+            dist.all_reduce(output, op=self._torch_op(op), group=pg)
         if op is ReduceOp.AVG:
             self._finish_avg(output)
 
@@ -155,7 +181,8 @@ class TorchCommunicator(Communicator):
             output.copy_(input.view_as(output))
         if self.size == 1:
             return
-        dist.broadcast(_as_bytes(output), src=self._ranks[root], group=self._live_group())
+        with self.guarded("broadcast"):
+            dist.broadcast(_as_bytes(output), src=self._ranks[root], group=self._live_group())
 
     def _reduce(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp, root: int) -> None:
         _check_reducible(f"reduce({op.value})", input)
@@ -169,10 +196,12 @@ class TorchCommunicator(Communicator):
         work = input.clone() if in_place and self.rank != root else output
         if work.dtype == torch.bool:
             tmp = work.to(torch.uint8)
-            dist.reduce(tmp, dst=self._ranks[root], op=_TORCH_OPS[_bool_op(op)], group=pg)
+            with self.guarded("reduce"):
+                dist.reduce(tmp, dst=self._ranks[root], op=_TORCH_OPS[_bool_op(op)], group=pg)
             work.copy_(tmp.bool())
             return
-        dist.reduce(work, dst=self._ranks[root], op=self._torch_op(op), group=pg)
+        with self.guarded("reduce"):
+            dist.reduce(work, dst=self._ranks[root], op=self._torch_op(op), group=pg)
         if self.rank == root and op is ReduceOp.AVG:
             self._finish_avg(work)
 
@@ -187,8 +216,9 @@ class TorchCommunicator(Communicator):
         if self._pending_p2p is not None:
             self._pending_p2p.append(op)
             return
-        for work in dist.batch_isend_irecv([op]):
-            work.wait()
+        with self.guarded(f"{'send to' if fn is dist.isend else 'recv from'} rank {self._ranks[peer]}", collective=False):
+            for work in dist.batch_isend_irecv([op]):
+                work.wait()
 
     @contextlib.contextmanager
     def _group(self) -> Iterator[None]:
@@ -202,5 +232,6 @@ class TorchCommunicator(Communicator):
         finally:
             self._pending_p2p = None
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            with self.guarded(f"a group of {len(ops)} send/recv", collective=False):
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()

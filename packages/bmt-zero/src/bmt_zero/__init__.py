@@ -9,7 +9,7 @@ from .module import BlockType, DistributedModule
 from .parameter import DistributedParameter, InitMethod, ParameterInitializer
 from .partition import Partition
 from .reads import reused_gathers
-from .store import load, load_sharded, save, save_sharded
+from .store import load, load_sharded, save, save_sharded, wait_for_save
 from .wrapper import make_distributed
 
 __all__ = [
@@ -31,5 +31,6 @@ __all__ = [
     "nn",
     "reused_gathers",
     "save",
+    "wait_for_save",
     "save_sharded",
 ]

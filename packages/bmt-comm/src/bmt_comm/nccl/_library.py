@@ -172,6 +172,8 @@ _SIGNATURES = (
     _Signature("ncclCommAbort", _result, (_comm,)),
     _Signature("ncclCommCount", _result, (_comm, ctypes.POINTER(_int))),
     _Signature("ncclCommUserRank", _result, (_comm, ctypes.POINTER(_int))),
+    # the watchdog's probe of a communicator whose work has not finished (NCCL >= 2.4)
+    _Signature("ncclCommGetAsyncError", _result, (_comm, ctypes.POINTER(_result)), optional=True),
     _Signature("ncclAllGather", _result, (_buf, _buf, _size, _int, _comm, _stream)),
     _Signature("ncclReduceScatter", _result, (_buf, _buf, _size, _int, _int, _comm, _stream)),
     _Signature("ncclAllReduce", _result, (_buf, _buf, _size, _int, _int, _comm, _stream)),
@@ -278,6 +280,16 @@ class NcclLibrary:
         r = _int()
         self._call("ncclCommUserRank", comm, ctypes.byref(r), comm=comm)
         return int(r.value)
+
+    def comm_get_async_error(self, comm: int) -> int | None:
+        """The communicator's asynchronous ``ncclResult_t`` (0: none; 7: still in progress);
+        None when this NCCL has no ``ncclCommGetAsyncError``."""
+        fn = self._fns.get("ncclCommGetAsyncError")
+        if fn is None:
+            return None
+        result = _result()
+        self.check("ncclCommGetAsyncError", int(fn(comm, ctypes.byref(result))), comm)
+        return int(result.value)
 
     # --- collectives (enqueued on ``stream``) -------------------------------------------
     def all_gather(self, send: int, recv: int, count: int, dtype: int, comm: int, stream: int) -> None:

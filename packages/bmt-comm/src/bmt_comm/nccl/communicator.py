@@ -7,15 +7,20 @@ once (as torch's NCCL collectives do): order it with ``torch.cuda.stream``/``wai
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch._C._distributed_c10d import Store
 
 from ..communicator import Communicator, ReduceOp
+from ..timeouts import CollectiveError
 from ._handle import NCCLCommunicator, stream_of
 from ._library import NcclLibrary, get_library
 from ._types import NcclRedOp, nccl_dtype, nccl_op
+from .watchdog import get_watchdog
+
+_NCCL_IN_PROGRESS = 7  # ncclInProgress: a non-blocking call still running, not an error
 
 __all__ = ["NcclCommunicator", "exchange_unique_id"]
 
@@ -45,7 +50,14 @@ class NcclCommunicator(Communicator):
     ``handle`` is the raw communicator, usable with the ``bmt.nccl`` low-level functions.
     """
 
-    def __init__(self, handle: NCCLCommunicator, global_ranks: Sequence[int], rank: int) -> None:
+    def __init__(
+        self,
+        handle: NCCLCommunicator,
+        global_ranks: Sequence[int],
+        rank: int,
+        timeout: datetime.timedelta | None = None,
+        label: str = "",
+    ) -> None:
         ranks = tuple(int(r) for r in global_ranks)
         if not 0 <= rank < len(ranks):
             raise ValueError(f"rank ({rank}) must be in [0, {len(ranks)}) for group {list(ranks)}")
@@ -54,6 +66,10 @@ class NcclCommunicator(Communicator):
         self._ranks = ranks
         self._rank = rank
         self._device = handle.device
+        self.timeout = timeout  # None: no watchdog (a communicator built by hand)
+        self.label = label  # the group kinds it serves, for error messages
+        self._failure: CollectiveError | None = None  # set by the watchdog; every later call raises it
+        self._grouped: list[str] | None = None  # ops enqueued inside group(): watched once at its end
 
     @classmethod
     def from_unique_id(
@@ -63,6 +79,8 @@ class NcclCommunicator(Communicator):
         rank_in_group: int,
         device: torch.device,
         lib: NcclLibrary | None = None,
+        timeout: datetime.timedelta | None = None,
+        label: str = "",
     ) -> NcclCommunicator:
         """``ncclCommInitRank`` on ``device``; blocks until every member has joined."""
         lib = lib if lib is not None else get_library()
@@ -76,7 +94,7 @@ class NcclCommunicator(Communicator):
         with torch.cuda.device(device):
             ptr = lib.comm_init_rank(n, unique_id, rank_in_group)
         handle = NCCLCommunicator(ptr, device, lib)
-        comm = cls(handle, global_ranks, rank_in_group)
+        comm = cls(handle, global_ranks, rank_in_group, timeout, label)
         if handle.count() != n or handle.rank() != rank_in_group:
             raise RuntimeError(
                 f"NCCL reports rank {handle.rank()} of {handle.count()}, expected {rank_in_group} of {n}"
@@ -92,11 +110,13 @@ class NcclCommunicator(Communicator):
         rank_in_group: int,
         device: torch.device,
         lib: NcclLibrary | None = None,
+        timeout: datetime.timedelta | None = None,
+        label: str = "",
     ) -> NcclCommunicator:
         """Share the unique id through a torch ``Store`` under ``key``, then init on ``device``."""
         lib = lib if lib is not None else get_library()
         uid = exchange_unique_id(store, key, rank_in_group == 0, lib)
-        return cls.from_unique_id(uid, global_ranks, rank_in_group, device, lib)
+        return cls.from_unique_id(uid, global_ranks, rank_in_group, device, lib, timeout, label)
 
     # --- identity ----------------------------------------------------------------------
     @property
@@ -110,12 +130,54 @@ class NcclCommunicator(Communicator):
     def close(self) -> None:
         """``ncclCommDestroy``; later calls do nothing."""
         if not self._handle.destroyed:
+            if self.timeout is not None:
+                get_watchdog().forget(self)
             self._handle.destroy()
 
     def abort(self) -> None:
         """``ncclCommAbort``: for error paths, where peers may never arrive."""
         if not self._handle.destroyed:
+            if self.timeout is not None:
+                get_watchdog().forget(self)
             self._handle.abort()
+
+    # --- the watchdog's side (called from its thread) ----------------------------------
+    @property
+    def failure(self) -> CollectiveError | None:
+        """The error that made the watchdog abort this communicator, if it did."""
+        return self._failure
+
+    def async_error(self) -> str | None:
+        if self._handle.destroyed:
+            return None
+        code = self._lib.comm_get_async_error(self._handle.ptr)
+        if code in (None, 0, _NCCL_IN_PROGRESS):
+            return None
+        detail = self._lib.last_error(self._handle.ptr)
+        text = self._lib.error_string(code)
+        return f"NCCL asynchronous error: {text}" + (f"; last error: {detail}" if detail else "")
+
+    def abort_for(self, error: CollectiveError) -> None:
+        self._failure = error
+        try:
+            self.abort()
+        except Exception:  # already gone: the error stays recorded
+            pass
+
+    def _enter(self, op: str) -> None:
+        """Before enqueueing: a communicator the watchdog aborted raises what it found."""
+        if self._failure is not None:
+            raise self._failure
+        if self._grouped is not None:
+            self._grouped.append(op)
+
+    def _watch(self, op: str) -> None:
+        """After enqueueing: an event on the stream, watched until it completes."""
+        if self.timeout is None or self._grouped is not None:
+            return
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(self._device))
+        get_watchdog().watch(op, self, event, self.timeout, self.label)
 
     # --- helpers -----------------------------------------------------------------------
     def _op(self, op: ReduceOp, dtype: torch.dtype) -> int:
@@ -127,63 +189,81 @@ class NcclCommunicator(Communicator):
 
     # --- collectives -------------------------------------------------------------------
     def _all_gather(self, input: torch.Tensor, output: torch.Tensor) -> None:
+        self._enter("all_gather")
         if input.numel() == 0:
             return
         self._lib.all_gather(
             input.data_ptr(), output.data_ptr(), input.numel(), nccl_dtype(input.dtype),
             self._handle.ptr, stream_of(self._device),
         )
+        self._watch("all_gather")
 
     def _reduce_scatter(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp) -> None:
+        self._enter("reduce_scatter")
         if output.numel() == 0:
             return
         self._lib.reduce_scatter(
             input.data_ptr(), output.data_ptr(), output.numel(), nccl_dtype(input.dtype),
             self._op(op, input.dtype), self._handle.ptr, stream_of(self._device),
         )
+        self._watch("reduce_scatter")
 
     def _all_reduce(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp) -> None:
+        self._enter("all_reduce")
         if input.numel() == 0:
             return
         self._lib.all_reduce(
             input.data_ptr(), output.data_ptr(), input.numel(), nccl_dtype(input.dtype),
             self._op(op, input.dtype), self._handle.ptr, stream_of(self._device),
         )
+        self._watch("all_reduce")
 
     def _broadcast(self, input: torch.Tensor, output: torch.Tensor, root: int) -> None:
+        self._enter("broadcast")
         if input.numel() == 0:
             return
         self._lib.broadcast(
             input.data_ptr(), output.data_ptr(), input.numel(), nccl_dtype(input.dtype),
             root, self._handle.ptr, stream_of(self._device),
         )
+        self._watch("broadcast")
 
     def _reduce(self, input: torch.Tensor, output: torch.Tensor, op: ReduceOp, root: int) -> None:
+        self._enter("reduce")
         if input.numel() == 0:
             return
         self._lib.reduce(
             input.data_ptr(), output.data_ptr(), input.numel(), nccl_dtype(input.dtype),
             self._op(op, input.dtype), root, self._handle.ptr, stream_of(self._device),
         )
+        self._watch("reduce")
 
     def _send(self, tensor: torch.Tensor, peer: int) -> None:
+        self._enter("send")
         if tensor.numel() == 0:
             return
         self._lib.send(
             tensor.data_ptr(), tensor.numel(), nccl_dtype(tensor.dtype), peer,
             self._handle.ptr, stream_of(self._device),
         )
+        self._watch("send")
 
     def _recv(self, tensor: torch.Tensor, peer: int) -> None:
+        self._enter("recv")
         if tensor.numel() == 0:
             return
         self._lib.recv(
             tensor.data_ptr(), tensor.numel(), nccl_dtype(tensor.dtype), peer,
             self._handle.ptr, stream_of(self._device),
         )
+        self._watch("recv")
 
     @contextlib.contextmanager
     def _group(self) -> Iterator[None]:
+        self._enter("group")
+        outer = self._grouped is None
+        if outer:
+            self._grouped = []
         self._lib.group_start()
         try:
             yield
@@ -192,5 +272,11 @@ class NcclCommunicator(Communicator):
                 self._lib.group_end()
             except RuntimeError:
                 pass
+            if outer:
+                self._grouped = None
             raise
         self._lib.group_end()
+        if outer:
+            ops, self._grouped = self._grouped, None
+            if ops:
+                self._watch(f"group({', '.join(ops)})")

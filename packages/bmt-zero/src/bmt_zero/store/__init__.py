@@ -8,7 +8,7 @@ from bmt_comm import allgather_objects, broadcast_object
 
 from .atomic import atomic_write
 from .errors import CheckpointError, agree
-from .gathered import _save_to_local_rank0, _save_to_rank0, load, load_state_into, save
+from .gathered import _save_to_local_rank0, _save_to_rank0, load, load_state_into, save, wait_for_save
 from .infer import _save_to_infer_model
 from .sharded import load_sharded, save_sharded
 from .verify import VerifiedCheckpoint, verify_checkpoint
@@ -32,4 +32,5 @@ __all__ = [
     "save_sharded",
     "VerifiedCheckpoint",
     "verify_checkpoint",
+    "wait_for_save",
 ]

@@ -4,13 +4,13 @@ place only once it is on disk, so a reader sees the old checkpoint or the new on
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "describe", "fsync_dir", "replace_dir", "temp_path_prefix"]
+__all__ = ["atomic_write", "describe", "follow_umask", "fsync_dir", "replace_dir", "temp_path_prefix"]
 
 
 def describe(error: BaseException | None) -> str | None:
@@ -43,7 +43,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     prefix = os.path.basename(temp_path_prefix(target))
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    fd, tmp = _create_temp(directory, prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -57,6 +57,39 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
             pass
         raise
     fsync_dir(directory)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it,
+    a race with a background save): /proc on Linux, else a set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give a file a writer made with 0600 (safetensors does) the mode ``open()`` would have."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _create_temp(directory: str, prefix: str) -> tuple[int, str]:
+    """A new file opened for writing, mode ``0o666 & ~umask`` as ``open()`` makes it: mkstemp's
+    0600 would make every checkpoint unreadable to the group whatever the user's umask says."""
+    for _ in range(100):
+        tmp = os.path.join(directory, prefix + secrets.token_hex(8))
+        try:
+            # O_EXCL: a fresh name of our own, as mkstemp; the kernel applies the umask to 0o666
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name {prefix}* in {directory} after 100 tries")
 
 
 def replace_dir(tmp_dir: str, final_dir: str) -> None:

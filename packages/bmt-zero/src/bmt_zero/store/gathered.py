@@ -24,7 +24,7 @@ from .report import finish_load
 from .verify import check_file, manifest_path, write_manifest
 from .view import DistributedStateDictWrapper
 
-__all__ = ["save", "load", "load_state_into", "children_everywhere", "_save_to_rank0", "_save_to_local_rank0"]
+__all__ = ["save", "wait_for_save", "load", "load_state_into", "children_everywhere", "_save_to_rank0", "_save_to_local_rank0"]
 
 StateDict = dict[str, Any]
 PathLike = str | os.PathLike[str]
@@ -154,6 +154,12 @@ def _join_background(comm: Communicator) -> None:
     """Wait for rank 0's pending non-blocking save; its failure is raised on every rank."""
     error = background.wait() if comm.rank == 0 else None
     _agree(error, comm, "the previous non-blocking bmt.save")
+
+
+def wait_for_save() -> None:
+    """Collective: wait for rank 0's pending ``save(non_blocking=True)``; if it failed, raise
+    its error on every rank (the next ``save`` does the same)."""
+    _join_background(bmt_comm.get_context().comms.world)
 
 
 def save(model: torch.nn.Module, file: PathLike, non_blocking: bool = False) -> None:
