@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -17,9 +18,18 @@ import torch
 from bmt_comm import ReduceOp, config, current_stream, get_context, is_initialized, print_rank, wait_stream
 
 from .grad_clip import clip_grads_, global_grad_norm, parse_norm_type
-from .nan_check import check_inf_nan_, new_flag
+from .nan_check import check_inf_nan_many_, new_flag
 
-__all__ = ["LRScheduler", "OptimManager"]
+__all__ = ["LRScheduler", "NonFiniteGradientWarning", "OptimManager"]
+
+
+class NonFiniteGradientWarning(RuntimeWarning):
+    """A step skipped without a loss scale: some rank's gradients held an inf or a nan."""
+
+
+def _warn_now(skipped: int) -> bool:
+    """Warn at the 1st, 10th, 100th, ... skip: once, then rate-limited."""
+    return skipped == 10 ** (len(str(skipped)) - 1)
 
 
 class LRScheduler(Protocol):
@@ -49,6 +59,13 @@ class OptimManager:
     steps in a row multiply it by the factor (not above ``max_loss_scale``).
     ``grad_scale`` divides the loss so that gradients summed over ZeRO ranks become means; it
     defaults to ``world_size // pipe_size`` after ``init_distributed`` and to 1 without it.
+
+    ``skip_nonfinite=True`` (the default) guards the unscaled case too: without a loss scale an
+    inf/nan in any gradient (or in a norm ``clip_grad_norm`` computed) on any rank skips the step
+    on every rank: parameters, optimizer state and schedulers stay as they were, the gradients
+    are zeroed, a ``NonFiniteGradientWarning`` names the step (at the 1st, 10th, 100th... skip)
+    and ``skipped_steps`` counts it. ``skip_nonfinite=False`` steps regardless (1.0.1's
+    behaviour without a loss scale). With a loss scale the overflow path above is unchanged.
     """
 
     def __init__(
@@ -59,6 +76,7 @@ class OptimManager:
         min_loss_scale: float = 1,
         max_loss_scale: float = float("inf"),
         grad_scale: int | None = None,
+        skip_nonfinite: bool = True,
     ) -> None:
         if not 0 < min_loss_scale <= max_loss_scale:
             raise ValueError(
@@ -88,6 +106,16 @@ class OptimManager:
         self.grad_scale = grad_scale
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_schedulers: list[LRScheduler | None] = []
+        self.skip_nonfinite = bool(skip_nonfinite)  # off: no check without a loss scale (1.0.1)
+        self.step_count = 0  # calls to step(), taken or skipped
+        self.skipped_steps = 0  # steps skipped for an inf/nan (overflow or guard), on every rank alike
+        # set by clip_grad_norm (a device tensor, no sync) when its norm was inf/nan; read by step()
+        self._norm_flag: torch.Tensor | None = None
+
+    @property
+    def _guarded(self) -> bool:
+        """The unscaled step checks its gradients (a scaled one always does)."""
+        return self.skip_nonfinite and not self.loss_scale_enabled
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer, lr_scheduler: LRScheduler | None = None) -> None:
         self.optimizers.append(optimizer)
@@ -114,6 +142,7 @@ class OptimManager:
         """Zero gradients in place (Blocks' gradients are views into flat buffers)."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=False)
+        self._norm_flag = None
 
     # --- clipping -----------------------------------------------------------------------
     def clip_grad_norm(
@@ -135,28 +164,42 @@ class OptimManager:
         params = [p for group in param_groups for p in group["params"]]
         norm = global_grad_norm(params, norm_type) / self.loss_scale
         coef = torch.clamp(max_norm / (norm + eps), max=1.0)  # a tensor: no device sync
+        if self._guarded:
+            # an inf/nan norm would make every gradient nan (or zero, for a norm that overflowed):
+            # leave them as they are and make step() skip (the norm is the same on every rank)
+            bad = torch.logical_not(torch.isfinite(norm))
+            coef = torch.where(bad, torch.ones_like(coef), coef)
+            flag = bad.to(torch.int32).reshape(1)
+            self._norm_flag = flag if self._norm_flag is None else self._norm_flag.bitwise_or_(flag)
         clip_grads_(params, coef)
         return norm
 
     # --- the step -----------------------------------------------------------------------
-    def _found_overflow(self) -> bool:
-        """Any inf/nan in any gradient (every dtype) on any rank; one sync to read the flag."""
-        flags: dict[torch.device, torch.Tensor] = {}
+    def _found_overflow(self) -> tuple[bool, bool]:
+        """Any inf/nan in any gradient (every dtype) on (any rank, this rank).
+
+        One fused pass per (device, dtype), one all-reduce of one flag over the world, and one
+        sync to read it (and this rank's own flag, in the same copy)."""
+        grads: dict[torch.device, list[torch.Tensor]] = {}
         for p in self._params():
             g = p.grad
             if g is None:
                 continue
             if g.is_sparse:
                 g = g.coalesce().values()
-            check_inf_nan_(g, flags.setdefault(g.device, new_flag(g.device)))
+            grads.setdefault(g.device, []).append(g)
         comm = get_context().comms.world if is_initialized() else None
-        dev = comm.device if comm is not None else next(iter(flags), torch.device("cpu"))
-        flag = new_flag(dev)
-        for f in flags.values():
-            flag.bitwise_or_(f.to(dev))
+        dev = comm.device if comm is not None else next(iter(grads), torch.device("cpu"))
+        local = new_flag(dev)
+        for d, gs in grads.items():
+            local.bitwise_or_(check_inf_nan_many_(gs, new_flag(d)).to(dev))
+        if self._norm_flag is not None:
+            local.bitwise_or_(self._norm_flag.to(dev))
+        flag = local.clone()
         if comm is not None:
             comm.all_reduce(flag, ReduceOp.MAX)
-        return bool(flag.item())
+        anywhere, here = torch.cat([flag, local]).tolist()
+        return bool(anywhere), bool(here)
 
     def _justify_scale(self, new_scale: float) -> None:
         old, self.loss_scale = self.loss_scale, new_scale
@@ -168,8 +211,17 @@ class OptimManager:
                 justify(old, new_scale)
 
     def step(self) -> bool:
-        """Step every optimizer then its scheduler; False if an overflow skipped the step."""
-        if self.loss_scale_enabled and self._found_overflow():
+        """Step every optimizer then its scheduler; False if an inf/nan skipped the step."""
+        self.step_count += 1
+        found, here = False, False
+        if self.loss_scale_enabled or self._guarded:
+            found, here = self._found_overflow()
+        self._norm_flag = None
+        if found and not self.loss_scale_enabled:
+            self._skip_nonfinite(here)
+            return False
+        if found:
+            self.skipped_steps += 1
             old = self.loss_scale
             new = max(old / self.loss_scale_factor, self.min_loss_scale)
             print_rank(f"Gradient overflow, change scale from {old} to {new}")
@@ -200,6 +252,22 @@ class OptimManager:
             wait_stream(ctx.streams.load, current_stream(ctx.device))
         return True
 
+    def _skip_nonfinite(self, here: bool) -> None:
+        """The unscaled step met an inf/nan: nothing is updated, the gradients are zeroed."""
+        self.skipped_steps += 1
+        if _warn_now(self.skipped_steps):
+            where = "this rank's gradients" if here else "another rank's gradients"
+            warnings.warn(
+                f"OptimManager: step {self.step_count} skipped on every rank: an inf or nan in "
+                f"{where} (or in a clip_grad_norm norm); parameters, optimizer state and LR "
+                f"schedulers are unchanged, the gradients were zeroed. Skipped so far: "
+                f"{self.skipped_steps} (see OptimManager.skipped_steps; warned again at 10, 100, ... "
+                "skips; OptimManager(skip_nonfinite=False) steps anyway)",
+                NonFiniteGradientWarning,
+                stacklevel=3,
+            )
+        self.zero_grad()
+
     def _unscale(self, opt: torch.optim.Optimizer) -> None:
         inv = 1.0 / self.loss_scale
         for group in opt.param_groups:
@@ -223,6 +291,8 @@ class OptimManager:
             "loss_scale": self.loss_scale,
             "loss_scale_enabled": self.loss_scale_enabled,
             "steps_since_last_scale": self.steps_since_last_scale,
+            "step_count": self.step_count,
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -245,3 +315,6 @@ class OptimManager:
         self.loss_scale = float(state_dict["loss_scale"])
         self.loss_scale_enabled = bool(state_dict["loss_scale_enabled"])
         self.steps_since_last_scale = int(state_dict.get("steps_since_last_scale", 0))
+        # absent from 1.0.1's state dicts and from ours before the guard: counted from 0
+        self.step_count = int(state_dict.get("step_count", 0))
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
