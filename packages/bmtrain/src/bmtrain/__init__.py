@@ -5,6 +5,7 @@
 
 from . import (
     block_layer,
+    checkpoint,
     debug,
     distributed,
     global_var,
@@ -24,6 +25,7 @@ from . import (
     wrapper,
 )
 from .block_layer import Block, CheckpointBlock, TransformerBlockList
+from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
 from .global_var import config, rank, world_size
 from .init import init_distributed, is_initialized
 from .layer import DistributedModule
@@ -70,8 +72,14 @@ __all__ = [
     "print_rank",
     "see_memory",
     "load_nccl_pypi",
+    # training checkpoints (new: not in 1.0.1)
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointInfo",
+    "CheckpointError",
     # sub-modules
     "block_layer",
+    "checkpoint",
     "debug",
     "distributed",
     "global_var",
