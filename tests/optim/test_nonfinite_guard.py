@@ -132,7 +132,7 @@ def _run_case(dtype: torch.dtype, opt_cls: type, layout: str, skip: bool = True)
             ref_opt.step()
             for n, p in named:
                 want = shard(ref[n].detach(), p)
-                torch.testing.assert_close(_master(opt, p), want, **TOL, msg=lambda s, n=n: f"{case} {n} step {t}: {s}")
+                torch.testing.assert_close(_master(opt, p), want, **TOL, msg=lambda s, n=n, t=t: f"{case} {n} step {t}: {s}")
                 assert torch.equal(p.detach(), _master(opt, p).to(dtype)), f"{case} {n}: param is its master rounded"
     ours = [w for w in caught if issubclass(w.category, NonFiniteGradientWarning)]
     return {

@@ -29,7 +29,7 @@ class NonFiniteGradientWarning(RuntimeWarning):
 
 def _warn_now(skipped: int) -> bool:
     """Warn at the 1st, 10th, 100th, ... skip: once, then rate-limited."""
-    return skipped == 10 ** (len(str(skipped)) - 1)
+    return bool(skipped == 10 ** (len(str(skipped)) - 1))
 
 
 class LRScheduler(Protocol):
