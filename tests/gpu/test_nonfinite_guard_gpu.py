@@ -63,7 +63,7 @@ def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
 def test_skip_on_cuda_matches_adamw_that_skipped(dtype: torch.dtype, opt_cls: Any) -> None:
     ps = _params(dtype)
     ref = [torch.nn.Parameter(p.detach().float().clone()) for p in ps]
-    opt = opt_cls(ps, **HP)
+    opt = opt_cls(ps, decoupled_weight_decay=True, **HP)  # AdamW for every dtype, like the reference
     m = OptimManager()
     m.add_optimizer(opt)
     ref_opt = torch.optim.AdamW(ref, fused=True, **HP)  # type: ignore[arg-type]

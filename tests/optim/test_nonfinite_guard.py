@@ -91,7 +91,7 @@ def _run_case(dtype: torch.dtype, opt_cls: type, layout: str, skip: bool = True)
     params = [p for _, p in named]
     assert all(p.grad is not None for p in params), case
 
-    opt = opt_cls(params, **HP)
+    opt = opt_cls(params, decoupled_weight_decay=True, **HP)  # AdamW for every dtype, as the reference
     sched = Linear(opt, start_lr=HP["lr"], warmup_iter=2, end_iter=10)
     m = OptimManager(skip_nonfinite=skip)
     m.add_optimizer(opt, sched)
@@ -195,8 +195,8 @@ def _set(params: list[torch.nn.Parameter], seed: int, scale: float = 1.0) -> Non
 
 @pytest.mark.parametrize("make_opt", [
     lambda ps: torch.optim.AdamW(ps, **HP),
-    lambda ps: AdamOptimizer(ps, **HP),
-    lambda ps: AdamOffloadOptimizer(ps, **HP),
+    lambda ps: AdamOptimizer(ps, decoupled_weight_decay=True, **HP),
+    lambda ps: AdamOffloadOptimizer(ps, decoupled_weight_decay=True, **HP),
 ], ids=["torch.AdamW", "AdamOptimizer", "AdamOffloadOptimizer"])
 def test_single_process_skip_and_reference(make_opt: Any) -> None:
     ps, ref = _model(), _model()
