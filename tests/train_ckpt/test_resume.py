@@ -117,3 +117,20 @@ def test_resume_at_another_world_size_recuts_model_and_optimizer(
     assert end_b["manager"] == end_a["manager"]
     mean = [sum(r["losses"][s] for r in runs) / len(runs) for runs in (whole, resumed) for s in (6,)]
     assert abs(mean[0] - mean[1]) <= 1e-6 * abs(mean[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["adam", "offload"])
+def test_bf16_resume_on_cuda_is_bitwise(tmp_path: Path, optimizer: str) -> None:
+    """One GPU, bf16 parameters, dropout drawn from the CUDA generator: the resumed steps' losses
+    and the final shards equal the uninterrupted run's bitwise (cuBLAS in its deterministic
+    workspace mode)."""
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    base = Plan(optimizer=optimizer, dropout=0.1, stop=6, dtype="bfloat16")
+    whole = run_distributed(run, 1, base, env=env, timeout=180)
+    root = str(tmp_path / "ckpt")
+    run_distributed(run, 1, replace(base, stop=3, root=root, save_at=(3,)), env=env, timeout=180)
+    resumed = run_distributed(run, 1, replace(base, root=root, load=True), env=env, timeout=180)
+    assert resumed[0]["info"].step == 3
+    assert resumed[0]["losses"] == {s: whole[0]["losses"][s] for s in (4, 5, 6)}
+    assert_same(resumed[0]["shards"], whole[0]["shards"], "bf16 parameters after step 6")
