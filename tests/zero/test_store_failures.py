@@ -93,5 +93,5 @@ def _surface(tmp: str) -> list[str]:
 @pytest.mark.world_size(2)
 def test_failed_background_save_surfaces_at_wait_and_next_save(spawn, tmp_path) -> None:
     results = spawn(_surface, str(tmp_path))
-    assert results[0] == ["FileNotFoundError", "FileNotFoundError"]
-    assert results[1] == ["RuntimeError", "RuntimeError"]  # names rank 0's failure
+    # every rank raises rank 0's failure as the same OSError type (the store's agreed errors)
+    assert results[0] == results[1] == ["FileNotFoundError", "FileNotFoundError"]
