@@ -19,7 +19,10 @@ API: dict[str, tuple[str, ...]] = {
         # sub-modules reachable as attributes
         "debug", "loss", "distributed", "nn", "optim", "inspect", "lr_scheduler", "nccl", "utils", "store",
         "global_var",
+        # new here: training checkpoints
+        "save_checkpoint", "load_checkpoint", "CheckpointInfo", "CheckpointError", "checkpoint",
     ),
+    "bmtrain.checkpoint": ("save_checkpoint", "load_checkpoint", "CheckpointInfo", "CheckpointError"),
     "bmtrain.init": ("init_distributed", "is_initialized"),
     "bmtrain.global_var": ("config", "rank", "world_size"),
     "bmtrain.parameter": ("DistributedParameter", "ParameterInitializer"),

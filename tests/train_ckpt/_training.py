@@ -32,6 +32,7 @@ class Plan:
     sharded: bool = True
     snapshot_at: tuple[int, ...] = ()  # gathered model + optimizer state after these steps (0: before)
     dtype: str = "float32"
+    head: int = 16  # the head's output width: another value makes another model
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,7 +53,7 @@ def build(plan: Plan) -> tuple[torch.nn.Module, Any, Any]:
             layers = make_layers(cfg, seed=7).to(device=device, dtype=dtype)
             self.blocks = TransformerBlockList([Block(distribute_(m), use_checkpoint=True) for m in layers])
             g = torch.Generator().manual_seed(3)
-            self.head = DistributedParameter((torch.randn(cfg.dim, cfg.dim, generator=g) * 0.2).to(device, dtype))
+            self.head = DistributedParameter((torch.randn(cfg.dim, plan.head, generator=g) * 0.2).to(device, dtype))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.blocks(x) @ self.head  # (B, T, C)

@@ -61,6 +61,12 @@ def _find(path: str, tag: str | None, missing_ok: bool) -> tuple[str, dict[str, 
         if not name or os.sep in name or name.startswith("."):
             raise ValueError(f"{latest} names {name!r}, not a checkpoint directory under {path}")
         return os.path.join(path, name), read_manifest(os.path.join(path, name))
+    entries = os.listdir(path) if os.path.isdir(path) else []
+    if any(n.startswith(("optim-", "meta-", "extra-")) or n in ("model", "model.pt") for n in entries):
+        raise FileNotFoundError(
+            f"{path} has no {MANIFEST_FILE}: an incomplete checkpoint (its save did not finish, or the "
+            f"manifest was removed)"
+        )
     if missing_ok and (not os.path.exists(path) or all(n.startswith(".") for n in os.listdir(path))):
         return None
     raise FileNotFoundError(
