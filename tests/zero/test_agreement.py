@@ -119,3 +119,29 @@ def _block_of(rank_shape: int) -> None:
 def test_block_names_itself(spawn):
     with pytest.raises(DistributedTestError, match=r"ValueError: Block\(Linear\) must be built alike"):
         spawn(_block_of, 1)
+
+
+def _layers_differ(n_by_rank: tuple[int, ...]) -> list[str]:
+    import bmt_comm
+    import bmt_zero
+    from bmt_ckpt import TransformerBlockList
+
+    n = n_by_rank[bmt_comm.get_context().rank]
+    layers = [bmt_zero.make_distributed(torch.nn.Linear(4, 4)) for _ in range(n)]
+    try:
+        TransformerBlockList(layers)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("counts", [(3, 2), (2, 4)])
+def test_ranks_with_different_layer_counts_raise_the_same_error(spawn, counts):
+    errors = spawn(_layers_differ, counts)
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    text = errors[0][0]
+    short = min(counts)
+    assert "are building different things at the same point" in text, text
+    assert f"TransformerBlockList of {short} Blocks" in text and f"Block #{short + 1}: DistributedLinear" in text, text
+    assert "differ in the number or order of Blocks" in text

@@ -55,6 +55,19 @@ def _comm_chooser(mode: BlockMode) -> Callable[[DistributedParameter], Communica
     return lambda p: comms.tp_zero if p._tp_mode else comms.zero
 
 
+_BLOCK_COUNT: list[int] = [0, 0]  # [id of the context, Blocks built with storage under it]
+
+
+def _next_block_number() -> int:
+    """1, 2, ...: this Block's place among those built since ``init_distributed``, the same on
+    every rank that builds the same model (so a rank with fewer layers is caught)."""
+    ctx = id(bmt_comm.get_context())
+    if _BLOCK_COUNT[0] != ctx:
+        _BLOCK_COUNT[:] = [ctx, 0]
+    _BLOCK_COUNT[1] += 1
+    return _BLOCK_COUNT[1]
+
+
 class Block(torch.nn.Module):
     """ZeRO + activation checkpointing around ``inner_module`` (typically one transformer layer).
 
@@ -122,11 +135,13 @@ class Block(torch.nn.Module):
                 )
         named = [(n, p) for n, p in self._module.named_parameters() if isinstance(p, DistributedParameter)]
         comms = bmt_comm.get_context().comms
+        number = _next_block_number()
         storage = FlatStorage(
             named,
             _comm_chooser(self._mode),
             agree_over=comms.pp_zero if self._mode is BlockMode.PIPE else comms.zero,
             what=f"Block({type(self._module).__name__})",
+            header=[f"Block #{number}: {type(self._module).__name__}"],
         )
         self._runtime = BlockRuntime(SharedStorage(storage), self._policy)
 

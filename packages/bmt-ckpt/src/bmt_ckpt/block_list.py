@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import bmt_comm
 import torch
+from bmt_zero.agreement import check_agreement
 
 from .block import Block, BlockMode
 
@@ -18,6 +20,15 @@ def chain_blocks(blocks: list[Block]) -> None:
         block.set_pre_module(blocks[i - 1] if i else None)
     if blocks:
         blocks[-1].runtime.unlink_next()
+
+
+def _check_same_blocks(blocks: list[Block]) -> None:
+    """One small collective over the zero group: every rank's list has the same Blocks, in order.
+    A rank with fewer layers reaches this while another still builds its extra Block: the two
+    checks meet and every rank raises the same error (not a transport crash later)."""
+    names = [type(b._module).__name__ for b in blocks]
+    what = f"TransformerBlockList of {len(blocks)} Blocks"
+    check_agreement([what] + [f"#{i}: {n}" for i, n in enumerate(names)], bmt_comm.get_context().comms.zero, what)
 
 
 class TransformerBlockList(torch.nn.Module):
@@ -55,6 +66,7 @@ class TransformerBlockList(torch.nn.Module):
             blocks.append(block)
             self.add_module(str(i), block)
         self._blocks = blocks
+        _check_same_blocks(blocks)
         chain_blocks(blocks)
 
     def __len__(self) -> int:

@@ -34,11 +34,20 @@ def check_agreement(description: Sequence[str], comm: Communicator, what: str) -
     comm.all_gather(mine, everyone)
     if len(set(everyone.tolist())) == 1:
         return
-    described: list[list[str]] = bmt_comm.allgather_objects(list(description), comm)
+    described_whats: list[tuple[str, list[str]]] = bmt_comm.allgather_objects((what, list(description)), comm)
     ranks = comm.global_ranks
+    whats = [w for w, _ in described_whats]
+    described = [d for _, d in described_whats]
     first = described[0]
     other = next(r for r in range(comm.size) if described[r] != first)
     theirs = described[other]
+    if whats[other] != whats[0]:  # out of step: the same error on every rank, from both sides
+        raise ValueError(
+            f"the ranks of group {list(ranks)} are building different things at the same point: rank "
+            f"{ranks[0]} builds {whats[0]} ({_entry(first, 0)}) while rank {ranks[other]} builds "
+            f"{whats[other]} ({_entry(theirs, 0)}); their models differ in the number or order of Blocks "
+            "(build the same layers on every rank)"
+        )
     at = next((i for i, (a, b) in enumerate(zip(first, theirs, strict=False)) if a != b), min(len(first), len(theirs)))
     raise ValueError(
         f"{what} must be built alike on every rank of its group (ranks {list(ranks)}), but rank "

@@ -421,6 +421,7 @@ def _check_plans_agree(
     plans: Sequence[tuple[FlatLayout, Sequence[DistributedParameter], Communicator]],
     over: Communicator | None,
     what: str,
+    header: Sequence[str] = (),
 ) -> None:
     """Before any collective of the build: the ranks of ``over`` agree on the buffers (and on the
     parameters of those over ``over`` itself), then each other buffer's group on its parameters."""
@@ -431,7 +432,7 @@ def _check_plans_agree(
         if not plans:
             return  # nothing to build: no collective follows
         over = plans[0][2]
-    head: list[str] = []
+    head: list[str] = list(header)
     for layout, params, comm in plans:
         head.append(f"buffer {layout.key.name} over {comm.size} ranks")
         if comm.global_ranks == over.global_ranks:
@@ -466,10 +467,12 @@ class FlatStorage:
         *,
         agree_over: Communicator | None = None,
         what: str = "a flat storage",
+        header: Sequence[str] = (),
     ) -> None:
         """``agree_over``: a group holding every buffer's group (a Block's zero group), over which
         the ranks first check that they describe the storage alike (``check_agreement``); None
-        when all parameters use one communicator, which is then that group."""
+        when all parameters use one communicator, which is then that group. ``header``: entries
+        that lead the description (a Block's place among the Blocks built so far)."""
         groups: dict[BufferKey, list[tuple[str, DistributedParameter]]] = {}
         for name, p in named_params:
             if not isinstance(p, DistributedParameter):
@@ -485,7 +488,7 @@ class FlatStorage:
             comm = next(iter(comms.values()))
             layout = plan_layout(key, [(name, p._original_shape) for name, p in members], comm.size)
             plans.append((layout, [p for _, p in members], comm))
-        _check_plans_agree(plans, agree_over, what)
+        _check_plans_agree(plans, agree_over, what, header)
         self.buffers: list[FlatBuffer] = []
         self._where: dict[str, tuple[FlatBuffer, int]] = {}
         for layout, params, comm in plans:
