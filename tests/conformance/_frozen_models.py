@@ -7,11 +7,12 @@ Every rank feeds the same batch and divides its loss by the world size, so the r
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from ..ckpt.models import distribute_, plain_copy  # noqa: F401 - re-exported for the frozen tests
 
 DIM, LAYERS, BATCH = 8, 3, 4
 RTOL, ATOL = 1e-5, 1e-6
@@ -32,21 +33,6 @@ class MLP(nn.Module):
 def make_layers(seed: int, device: torch.device) -> nn.ModuleList:
     torch.manual_seed(seed)
     return nn.ModuleList(MLP() for _ in range(LAYERS)).to(device)
-
-
-def distribute_(module: nn.Module) -> nn.Module:
-    """Every parameter becomes a DistributedParameter (same values, same requires_grad), in place."""
-    from bmt_zero import DistributedParameter
-
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and not isinstance(p, DistributedParameter):
-                sub._parameters[name] = DistributedParameter(p.detach(), requires_grad=p.requires_grad)
-    return module
-
-
-def plain_copy(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module)
 
 
 def freeze(layers: Iterable[nn.Module], spec: dict[int, tuple[str, ...]]) -> None:
