@@ -15,7 +15,8 @@
 #   bench    every benchmarks/<area>/bench_*.py whose path contains BENCH_FILTER, each run as
 #            `python3 FILE --out JSON` (a benchmark launches its own processes)
 # Settings: OUT (default .gpu-out), PYTHON (python3), TEST_TIMEOUT (s, default 420),
-#   CPU_TEST_TIMEOUT (s, 900), BENCH_TIMEOUT (s per benchmark, 180), PYTEST_ARGS (extra pytest args).
+#   CPU_TEST_TIMEOUT (s, 900), BENCH_TIMEOUT (s per benchmark, 180), PYTEST_ARGS (extra pytest args),
+#   BENCH_ARGS (extra arguments to every benchmark run, e.g. "--config 7b --impls bmt").
 # Files under $OUT (8 at most, flat): summary.md, info.log, install.log, pytest-gpu.log,
 #   junit-gpu.xml, pytest-cpu.log, bench.log, bench.json (every benchmark's JSON, keyed by file).
 # Steps are independent: a failing step does not stop the later ones; the exit status is 1 when
@@ -33,6 +34,7 @@ CPU_TEST_TIMEOUT=${CPU_TEST_TIMEOUT:-900}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
 BENCH_FILTER=${BENCH_FILTER:-}
 PYTEST_ARGS=${PYTEST_ARGS:-}
+BENCH_ARGS=${BENCH_ARGS:-}
 PACKAGES="bmt-comm bmt-zero bmt-ckpt bmt-optim bmtrain"  # dependency order
 
 # NVLink multicast stays off: a program using it can take a shared host's GPUs out of service
@@ -153,7 +155,8 @@ step_bench() {
         n=$((n + 1))
         name=$(basename "$(dirname "$file")")-$(basename "$file" .py)
         echo "### $file" | tee -a "$log"
-        timeout --kill-after=15 "$BENCH_TIMEOUT" "$PYTHON" "$file" --out "$jsondir/$name.json" 2>&1 | tee -a "$log"
+        # shellcheck disable=SC2086  # BENCH_ARGS is split into words on purpose
+        timeout --kill-after=15 "$BENCH_TIMEOUT" "$PYTHON" "$file" --out "$jsondir/$name.json" $BENCH_ARGS 2>&1 | tee -a "$log"
         brc=${PIPESTATUS[0]}
         if [ "$brc" -ne 0 ]; then
             rc=$brc
@@ -169,10 +172,15 @@ import json, pathlib, sys
 src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 merged = {}
 for f in sorted(src.glob("*.json")):
+    text = f.read_text()
     try:
-        merged[f.stem] = json.loads(f.read_text())
-    except ValueError as e:
-        merged[f.stem] = {"error": f"unreadable JSON: {e}", "text": f.read_text()[:2000]}
+        merged[f.stem] = json.loads(text)
+    except ValueError:
+        try:  # JSON lines (benchmarks/train appends one record per runner)
+            merged[f.stem] = [json.loads(line) for line in text.splitlines() if line.strip()]
+            continue
+        except ValueError as e:
+            merged[f.stem] = {"error": f"unreadable JSON: {e}", "text": text[:2000]}
 dst.write_text(json.dumps(merged, indent=1))
 EOF
     rm -rf "$jsondir"
