@@ -11,8 +11,10 @@ import bmt_comm
 import torch
 
 from .gather import gather_for_state, keeps_state, tp_chunk
+from .model_check import check_model_alike
 from .parameter import DistributedParameter
 from .reads import enter_scope, exit_scope, read_full
+from .replicated import sync_replicated_grads
 
 __all__ = [
     "BlockType",
@@ -139,6 +141,12 @@ class DistributedModule(torch.nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         token = enter_scope()  # reads in this call (and calls inside it) share one gather each
         try:
+            first = not self.__dict__.get("_bmt_called")
+            if token is not None or first:
+                if first and token is not None:  # the outermost module's first call: its structure is final
+                    check_model_alike(self, "its first forward")
+                self.__dict__["_bmt_called"] = True
+                sync_replicated_grads(self)  # plain parameters' gradients are summed over the zero group
             return super().__call__(*args, **kwargs)
         finally:
             exit_scope(token)
