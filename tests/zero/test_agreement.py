@@ -145,3 +145,55 @@ def test_ranks_with_different_layer_counts_raise_the_same_error(spawn, counts):
     assert "are building different things at the same point" in text, text
     assert f"TransformerBlockList of {short} Blocks" in text and f"Block #{short + 1}: DistributedLinear" in text, text
     assert "differ in the number or order of Blocks" in text
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, n: int, extra: bool) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(n))
+        self.head = torch.nn.Linear(4, 3 if not extra else 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _wrapped_model_differs(n_by_rank: tuple[int, ...], head_differs: bool) -> list[str]:
+    """A plain ModuleList of Blocks (the wrapper's), not a TransformerBlockList: the first forward
+    checks the whole model, and meets a rank still building an extra Block."""
+    import bmt_comm
+    from bmt_ckpt import BMTrainModelWrapper
+
+    rank = bmt_comm.get_context().rank
+    try:
+        model = BMTrainModelWrapper(_Stack(n_by_rank[rank], extra=head_differs and rank == 1))
+        model(torch.ones(2, 4, device=bmt_comm.get_context().device)).sum().backward()
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("counts", [(3, 2), (2, 3)])
+def test_ranks_with_different_block_counts_fail_alike_at_the_first_forward(spawn, counts):
+    errors = spawn(_wrapped_model_differs, counts, False)
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    text = errors[0][0]
+    assert "are building different things at the same point" in text, text
+    assert "Block #3: DistributedLinear" in text and "the model (Distributed_Stack) at its first forward" in text, text
+    assert "differ in the number or order of Blocks" in text
+
+
+@pytest.mark.world_size(2)
+def test_ranks_with_a_different_parameter_outside_blocks_fail_alike(spawn):
+    errors = spawn(_wrapped_model_differs, (2, 2), True)
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    text = errors[0][0]
+    assert "the model (Distributed_Stack) at its first forward must be built alike" in text, text
+    assert "'head.weight: (3, 4) torch.float32 sharded' vs 'head.weight: (5, 4) torch.float32 sharded'" in text, text
+
+
+@pytest.mark.world_size(2)
+def test_ranks_with_the_same_model_train(spawn):
+    assert spawn(_wrapped_model_differs, (2, 2), False) == [[], []]

@@ -80,10 +80,11 @@ def _tied_model_reads() -> None:
     model = _model()
     cpu_ids = torch.tensor([1, 4, 9, 4, 0])
     ids = cpu_ids.to(bmt_comm.get_context().device)
+    check = int(bmt_comm.get_context().world_size > 1)  # a model's first call: one all-gather of 8 bytes
 
     # one forward: each parameter gathered once, though the embedding is read twice
     loss = model(ids)
-    assert counts == Counter(all_gather=2), counts
+    assert counts == Counter(all_gather=2 + check), counts
     counts.clear()
     loss.backward()
     assert counts == Counter(reduce_scatter=2), counts  # the two uses' gradients are summed first
@@ -125,7 +126,7 @@ def _tied_model_reads() -> None:
     mixed = Mixed()
     counts.clear()
     mixed().backward()
-    assert counts == Counter(all_gather=2, reduce_scatter=1), counts
+    assert counts == Counter(all_gather=2 + check, reduce_scatter=1), counts
     w = mixed._parameters["w"]
     torch.testing.assert_close(w.grad.cpu(), world * _shard_of(torch.full((2, 3), 15.0), w))
 

@@ -16,6 +16,7 @@ from bmt_comm import Communicator
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..gather import gather_to
+from ..model_check import check_model_alike
 from . import background
 from .atomic import atomic_write
 from .checksum import HashingWriter
@@ -170,6 +171,7 @@ def save(model: torch.nn.Module, file: PathLike, non_blocking: bool = False) -> 
     ``non_blocking`` the file is written by a background thread while training goes on; the next
     ``save``/``load`` and interpreter exit wait for it.
     """
+    check_model_alike(model, "bmt.save")  # a rank with another model fails here, alike everywhere
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
     path = os.fspath(file)
@@ -224,6 +226,7 @@ def load(model: torch.nn.Module, file: PathLike, strict: bool = True) -> _Incomp
     there is one), then its keys and shapes against the model: a failed load raises the same
     :class:`CheckpointError` on every rank and leaves the model as it was.
     """
+    check_model_alike(model, "bmt.load")  # a rank with another model fails here, alike everywhere
     world = bmt_comm.get_context().comms.world
     _join_background(world)
     state: Any = None

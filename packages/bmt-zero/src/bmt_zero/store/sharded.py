@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 from torch.nn.modules.module import _IncompatibleKeys
 
+from ..model_check import check_model_alike
 from ..parameter import DistributedParameter
 from .atomic import atomic_write, replace_dir
 from .checksum import ALGORITHM, HashingWriter, sealed
@@ -207,6 +208,7 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
     A model spread over ranks (a pipeline: ``children_everywhere``) is saved whole: each rank
     writes the pieces it holds, the metadata describes every rank's tensors.
     """
+    check_model_alike(model, "save_sharded")  # a rank with another model fails here, alike everywhere
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
     tp = ctx.comms.tp
@@ -513,6 +515,7 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], stri
     Missing/unexpected keys and shape mismatches are reported as torch's ``load_state_dict`` does,
     for the whole model on every rank (also where a rank holds a part of it: a pipeline stage).
     """
+    check_model_alike(model, "load_sharded")  # a rank with another model fails here, alike everywhere
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
     path = os.path.abspath(os.fspath(directory))
