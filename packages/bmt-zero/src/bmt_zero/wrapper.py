@@ -22,6 +22,8 @@ def distributed_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
     """
     if issubclass(cls, DistributedModule):
         return cls
+    if cls is torch.nn.Module:  # a bare container: (Module, DistributedModule) has no consistent MRO
+        return DistributedModule
     made = _CLASSES.get(cls)
     if made is None:
         made = type("Distributed" + cls.__name__, (cls, DistributedModule), {"__module__": cls.__module__})
