@@ -1,42 +1,54 @@
-"""When a Block's full parameters are gathered, prefetched and released.
+"""One Block's runtime: its phase, the (maybe shared) storage it gathers and releases, and the
+Blocks that run before and after it.
 
 A Block's parameters live in a :class:`bmt_zero.flat_storage.FlatStorage`. Before the Block runs
 (forward, or backward) its storage is gathered; the neighbour that runs next (the next Block in
-forward, the previous one in backward) is prefetched, so its all-gather overlaps this Block's
-compute; afterwards the storage is released (ZeRO-3) or kept until the backward (ZeRO-2).
+forward, the previous one in backward) is prefetched through the context's
+:class:`~.scheduler.BlockScheduler`, so its all-gather overlaps this Block's compute; afterwards
+the storage is released (ZeRO-3) or kept until the backward (ZeRO-2).
 
-One prefetch is outstanding at a time, process-wide: a gather queued for a Block is valid only for
-the very next Block that runs. If another one runs instead, the prefetch is dropped (its memory
-freed), so an unused or stale prefetch (e.g. across an optimizer step) is never consumed.
+A Block's phase (:class:`BlockPhase`) moves ``IDLE -> FORWARD -> IDLE`` in forward and
+``IDLE -> RECOMPUTE -> BACKWARD -> IDLE`` (``IDLE -> BACKWARD -> IDLE`` without activation
+checkpointing) in backward; any other move is a bug and raises.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING
 
-import bmt_comm
 import torch
-from bmt_zero.flat_storage import BufferState, FlatStorage, ReduceHandle
+from bmt_zero.flat_storage import FlatStorage
+
+from .scheduler import BlockScheduler
+
+if TYPE_CHECKING:
+    from .block import Block
 
 __all__ = [
-    "Phase",
+    "BlockPhase",
     "ReleasePolicy",
     "SharedStorage",
     "BlockRuntime",
     "BackwardHold",
     "PendingBackward",
-    "queue_final_callback",
-    "track_reduce",
+    "link_after",
+    "unlink_next",
 ]
 
 
-class Phase(Enum):
-    FORWARD = "forward"
-    BACKWARD = "backward"
+class BlockPhase(Enum):
+    """What a Block is doing now (like FSDP2's ``TrainingState``)."""
+
+    IDLE = "idle"  # parameters are the flat shards; nothing of this Block runs
+    FORWARD = "forward"  # gathered and bound full: the inner module's forward runs
+    RECOMPUTE = "recompute"  # backward, use_checkpoint: bound full with gradient buffers, the forward runs again
+    BACKWARD = "backward"  # the inner graph's backward runs, accumulating the full gradients
+
+    @property
+    def in_backward(self) -> bool:
+        return self in (BlockPhase.RECOMPUTE, BlockPhase.BACKWARD)
 
 
 class ReleasePolicy(Enum):
@@ -54,99 +66,20 @@ class ReleasePolicy(Enum):
 
 @dataclass(eq=False)
 class SharedStorage:
-    """A flat storage and the counters of its users (Blocks made with ``reference`` share one)."""
+    """A flat storage, the Block running on it now, and the ZeRO-2 graphs that keep its gather
+    (Blocks made with ``reference`` share one)."""
 
     storage: FlatStorage
-    pending_backward: int = 0  # ZeRO-2 graphs whose backward still needs the kept gather
-    in_use: int = 0  # forwards/backwards running right now with the parameters bound full
+    pending_backward: int = 0  # ZeRO-2 graphs whose backward still needs the kept gather (BackwardHold)
+    user: BlockRuntime | None = None  # the Block whose phase is not IDLE: its parameters are bound full
+
+    @property
+    def in_use(self) -> bool:
+        return self.user is not None
 
     def release_if_idle(self) -> None:
-        if self.pending_backward == 0 and self.in_use == 0:
+        if self.pending_backward == 0 and self.user is None:
             self.storage.release()
-
-
-class _Prefetch:
-    """The one gather queued ahead of its use (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._target: SharedStorage | None = None
-
-    def claim(self, shared: SharedStorage | None) -> bool:
-        """True if ``shared`` is the prefetched storage; any other prefetch is dropped."""
-        target, self._target = self._target, None
-        if target is shared:
-            return shared is not None
-        if target is not None:
-            target.release_if_idle()
-        return False
-
-    def issue(self, shared: SharedStorage) -> None:
-        self.claim(None)
-        if shared.storage.state is BufferState.RELEASED:
-            shared.storage.gather_async()
-            self._target = shared
-
-
-_PREFETCH = _Prefetch()
-
-
-class _InFlightReduce:
-    """The last Block's reduce-scatters, still running on the load stream while the next Block's
-    backward computes. When a Block queues its own, the compute stream waits for the previous
-    ones and their full gradient buffers are freed: at most two such buffers exist at a time,
-    however far the CPU runs ahead of the GPU."""
-
-    def __init__(self) -> None:
-        self._handles: list[ReduceHandle] = []
-
-    def replace(self, handles: list[ReduceHandle]) -> None:
-        self.drain()
-        self._handles = handles
-
-    def drain(self) -> None:
-        for handle in self._handles:
-            handle.wait()
-        self._handles = []
-
-
-_REDUCE = _InFlightReduce()
-
-
-def track_reduce(handles: list[ReduceHandle]) -> None:
-    _REDUCE.replace(handles)
-
-
-class _FinalCallback:
-    """Once per backward pass: order the compute stream after the last reduce-scatters (issued on
-    the load stream, so they overlap earlier Blocks' backward) and drop an unused prefetch."""
-
-    def __init__(self) -> None:
-        self.queued = False  # a callback is registered with the running backward pass
-
-    def queue(self, device: torch.device) -> None:
-        if self.queued:
-            return
-        self.queued = True
-        engine: Any = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
-        engine.queue_callback(self._make(device))
-
-    def _make(self, device: torch.device) -> Callable[[], None]:
-        def run() -> None:
-            self.queued = False
-            _PREFETCH.claim(None)
-            _REDUCE.drain()
-            streams = bmt_comm.get_context().streams
-            bmt_comm.wait_stream(bmt_comm.current_stream(device), streams.load)
-            bmt_comm.wait_stream(streams.calc, streams.load)
-
-        return run
-
-
-_FINAL = _FinalCallback()
-
-
-def queue_final_callback(device: torch.device) -> None:
-    _FINAL.queue(device)
 
 
 class BackwardHold:
@@ -184,67 +117,114 @@ class PendingBackward:
 
 
 class BlockRuntime:
-    """How one Block uses its (maybe shared) storage, and which Blocks run before and after it."""
+    """One Block's phase, its (maybe shared) storage, the context's scheduler, and the Blocks that
+    run right before and after it (the only place these links live)."""
 
-    def __init__(self, shared: SharedStorage, policy: ReleasePolicy) -> None:
+    def __init__(self, shared: SharedStorage, policy: ReleasePolicy, scheduler: BlockScheduler) -> None:
         self.shared = shared
         self.policy = policy
+        self.scheduler = scheduler
+        self.phase = BlockPhase.IDLE
         self.pending_graphs = 0  # graphs through this Block still to run backward (PendingBackward)
-        self._pre: weakref.ref[BlockRuntime] | None = None
-        self._next: weakref.ref[BlockRuntime] | None = None
+        self._pre: Block | None = None  # runs right before this Block in forward
+        self._next: Block | None = None  # runs right after this Block in forward
 
     @property
     def storage(self) -> FlatStorage:
         return self.shared.storage
 
-    def link_after(self, pre: BlockRuntime | None) -> None:
-        """This Block runs right after ``pre`` in forward (and right before it in backward)."""
-        old = self.pre_runtime()
-        if old is not None and old.next_runtime() is self:
-            old._next = None
-        self._pre = None if pre is None else weakref.ref(pre)
-        if pre is not None:
-            pre._next = weakref.ref(self)
+    # --- neighbours (prefetch order; changed only by link_after and unlink_next) ----------
+    def pre_block(self) -> Block | None:
+        return self._pre
 
-    def unlink_next(self) -> None:
-        nxt = self.next_runtime()
-        if nxt is not None and nxt.pre_runtime() is self:
-            nxt._pre = None
-        self._next = None
+    def next_block(self) -> Block | None:
+        return self._next
 
-    def pre_runtime(self) -> BlockRuntime | None:
-        return None if self._pre is None else self._pre()
+    # --- one use: acquire, bind, (advance), finish -----------------------------------------
+    def _move(self, to: BlockPhase, allowed_from: tuple[BlockPhase, ...]) -> None:
+        if self.phase not in allowed_from:
+            names = " or ".join(p.name for p in allowed_from)
+            raise RuntimeError(
+                f"a Block's phase cannot go from {self.phase.name} to {to.name} (only from {names}); "
+                "a Block ran while it was already running (its inner module called it again?), or this is a bug"
+            )
+        self.phase = to
 
-    def next_runtime(self) -> BlockRuntime | None:
-        return None if self._next is None else self._next()
+    def acquire(self, phase: BlockPhase) -> None:
+        """``IDLE -> phase``: gather (or take the prefetched gather), prefetch the neighbour that
+        runs next (the next Block in forward, the previous one in backward)."""
+        if phase is BlockPhase.IDLE:
+            raise ValueError("acquire() starts a phase: FORWARD, RECOMPUTE or BACKWARD, not IDLE")
+        self._move(phase, (BlockPhase.IDLE,))
+        try:
+            self._gather(phase)
+        except BaseException:
+            self.phase = BlockPhase.IDLE
+            raise
 
-    # --- one use: acquire, run, finish -------------------------------------------------
-    def acquire(self, phase: Phase) -> None:
-        """Gather (or take the prefetched gather), prefetch the neighbour, bind full params."""
-        if phase is Phase.FORWARD:
-            _FINAL.queued = False  # a forward runs outside any backward pass
-        shared = self.shared
-        prefetched = _PREFETCH.claim(shared)
-        if phase is Phase.FORWARD and not prefetched:
+    def _gather(self, phase: BlockPhase) -> None:
+        shared, scheduler = self.shared, self.scheduler
+        if shared.user is not None:
+            raise RuntimeError(
+                f"a Block's parameters are bound full by another Block sharing its storage (in {shared.user.phase.name}); "
+                "Blocks made with reference() cannot run inside one another"
+            )
+        forward = phase is BlockPhase.FORWARD
+        if forward:
+            scheduler.forward_started()
+        prefetched = scheduler.claim(shared)
+        if forward and not prefetched:
             # a kept (ZeRO-2) gather may predate an optimizer step: a forward always gathers afresh
             self.storage.gather_async(force=True)
         self.storage.wait()  # backward: the kept gather, the prefetched one, or a new one
-        neighbour = self.next_runtime() if phase is Phase.FORWARD else self.pre_runtime()
-        if neighbour is not None and neighbour.shared is not shared:
+        neighbour = self._next if forward else self._pre
+        if neighbour is not None and neighbour.runtime.shared is not shared:
             # in backward only a Block that will run backward too: never a frozen lower layer
-            if phase is Phase.FORWARD or neighbour.pending_graphs > 0:
-                _PREFETCH.issue(neighbour.shared)
-        shared.in_use += 1
+            if forward or neighbour.runtime.pending_graphs > 0:
+                scheduler.prefetch(neighbour.runtime.shared)
+        shared.user = self
 
     def bind(self, grads: list[torch.Tensor | None] | None = None) -> None:
+        """The inner module's parameters become views of the gathered storage (and ``grads``)."""
+        if self.phase is BlockPhase.IDLE:
+            raise RuntimeError("bind() needs an acquired Block (phase FORWARD, RECOMPUTE or BACKWARD), it is IDLE")
         self.storage.bind_full(grads)
 
+    def advance(self, phase: BlockPhase) -> None:
+        """``RECOMPUTE -> BACKWARD``: the recomputed graph is built, its backward runs next."""
+        if phase is not BlockPhase.BACKWARD:
+            raise ValueError(f"advance() moves RECOMPUTE to BACKWARD only, got {phase.name}")
+        self._move(phase, (BlockPhase.RECOMPUTE,))
+
     def finish(self) -> None:
-        """Params back to their shards; free the gather unless a ZeRO-2 backward still needs it."""
+        """``-> IDLE``: params back to their shards; free the gather unless a ZeRO-2 backward
+        still needs it."""
+        self._move(BlockPhase.IDLE, (BlockPhase.FORWARD, BlockPhase.RECOMPUTE, BlockPhase.BACKWARD))
         shared = self.shared
+        shared.user = None
         self.storage.bind_shard()
-        shared.in_use -= 1
         shared.release_if_idle()
 
     def hold_for_backward(self) -> BackwardHold | None:
         return BackwardHold(self.shared) if self.policy is ReleasePolicy.AFTER_BACKWARD else None
+
+
+def link_after(block: Block, pre: Block | None) -> None:
+    """``block`` runs right after ``pre`` in forward (and right before it in backward): each
+    prefetches the other. ``block``'s old previous Block forgets it as its next."""
+    runtime = block.runtime
+    old = runtime._pre
+    if old is not None and old.runtime._next is block:
+        old.runtime._next = None
+    runtime._pre = pre
+    if pre is not None:
+        pre.runtime._next = block
+
+
+def unlink_next(block: Block) -> None:
+    """``block`` is last: nothing runs after it (and its old next Block forgets it)."""
+    runtime = block.runtime
+    nxt = runtime._next
+    if nxt is not None and nxt.runtime._pre is block:
+        nxt.runtime._pre = None
+    runtime._next = None
