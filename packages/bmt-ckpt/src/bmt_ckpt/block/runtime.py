@@ -9,7 +9,8 @@ the storage is released (ZeRO-3) or kept until the backward (ZeRO-2).
 
 A Block's phase (:class:`BlockPhase`) moves ``IDLE -> FORWARD -> IDLE`` in forward and
 ``IDLE -> RECOMPUTE -> BACKWARD -> IDLE`` (``IDLE -> BACKWARD -> IDLE`` without activation
-checkpointing) in backward; any other move is a bug and raises.
+checkpointing) in backward, and back to ``IDLE`` from any phase when the run raises; any other
+move (a Block started while it runs, a finish without a start) is a bug and raises.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ class BlockPhase(Enum):
     FORWARD = "forward"  # gathered and bound full: the inner module's forward runs
     RECOMPUTE = "recompute"  # backward, use_checkpoint: bound full with gradient buffers, the forward runs again
     BACKWARD = "backward"  # the inner graph's backward runs, accumulating the full gradients
-
-    @property
-    def in_backward(self) -> bool:
-        return self in (BlockPhase.RECOMPUTE, BlockPhase.BACKWARD)
 
 
 class ReleasePolicy(Enum):
@@ -213,12 +210,13 @@ def link_after(block: Block, pre: Block | None) -> None:
     """``block`` runs right after ``pre`` in forward (and right before it in backward): each
     prefetches the other. ``block``'s old previous Block forgets it as its next."""
     runtime = block.runtime
+    pre_runtime = None if pre is None else pre.runtime  # raises before any change if pre has no storage
     old = runtime._pre
     if old is not None and old.runtime._next is block:
         old.runtime._next = None
     runtime._pre = pre
-    if pre is not None:
-        pre.runtime._next = block
+    if pre_runtime is not None:
+        pre_runtime._next = block
 
 
 def unlink_next(block: Block) -> None:
