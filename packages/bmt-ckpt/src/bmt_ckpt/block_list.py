@@ -10,6 +10,7 @@ import torch
 from bmt_zero.agreement import check_agreement
 
 from .block import Block, BlockMode
+from .block.runtime import unlink_next
 
 __all__ = ["TransformerBlockList", "chain_blocks"]
 
@@ -19,7 +20,7 @@ def chain_blocks(blocks: list[Block]) -> None:
     for i, block in enumerate(blocks):
         block.set_pre_module(blocks[i - 1] if i else None)
     if blocks:
-        blocks[-1].runtime.unlink_next()
+        unlink_next(blocks[-1])
 
 
 def _check_same_blocks(blocks: list[Block]) -> None:

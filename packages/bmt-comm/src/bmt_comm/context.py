@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,8 @@ from .streams import Streams
 from .topology import GroupKind, Topology
 
 __all__ = ["Communicators", "DistContext", "Settings", "get_context", "is_initialized"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,18 @@ class DistContext:
     store: Store | None
     object_groups: dict[tuple[int, ...], dist.ProcessGroup]  # gloo groups for pickled objects
     settings: Settings = field(default_factory=Settings)
+    # other packages' per-context state, by its class (see ``slot``); bmt-comm never reads it
+    slots: dict[type, object] = field(default_factory=dict, repr=False)
+
+    def slot(self, kind: type[_T]) -> _T:
+        """This context's one ``kind()``, made on first use: state that another package keeps per
+        ``init_distributed`` (e.g. bmt-ckpt's Block scheduler), gone with the context."""
+        obj = self.slots.get(kind)
+        if obj is None:
+            obj = self.slots[kind] = kind()
+        if not isinstance(obj, kind):
+            raise TypeError(f"context slot {kind.__qualname__} holds a {type(obj).__qualname__}")
+        return obj
 
 
 _CONTEXT: DistContext | None = None

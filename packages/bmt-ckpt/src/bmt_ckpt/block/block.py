@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -15,7 +16,8 @@ from bmt_zero.module import BlockType
 from bmt_zero.parameter import DistributedParameter
 
 from .checkpointing import BlockCall, run_block
-from .runtime import BlockRuntime, Phase, ReleasePolicy, SharedStorage
+from .runtime import BlockPhase, BlockRuntime, ReleasePolicy, SharedStorage, link_after
+from .scheduler import BlockScheduler
 from .state import init_block_parameters, load_block_state, save_block_state
 
 __all__ = ["Block", "BlockMode"]
@@ -55,17 +57,19 @@ def _comm_chooser(mode: BlockMode) -> Callable[[DistributedParameter], Communica
     return lambda p: comms.tp_zero if p._tp_mode else comms.zero
 
 
-_BLOCK_COUNT: list[int] = [0, 0]  # [id of the context, Blocks built with storage under it]
+@dataclass
+class BuiltBlocks:
+    """Per bmt context (``get_context().slot(BuiltBlocks)``): the Blocks that built storage."""
 
+    count: int = 0
 
-def _next_block_number() -> int:
-    """1, 2, ...: this Block's place among those built since ``init_distributed``, the same on
-    every rank that builds the same model (so a rank with fewer layers is caught)."""
-    ctx = id(bmt_comm.get_context())
-    if _BLOCK_COUNT[0] != ctx:
-        _BLOCK_COUNT[:] = [ctx, 0]
-    _BLOCK_COUNT[1] += 1
-    return _BLOCK_COUNT[1]
+    @classmethod
+    def next_number(cls) -> int:
+        """1, 2, ...: this Block's place among those built since ``init_distributed``, the same
+        on every rank that builds the same model (so a rank with fewer layers is caught)."""
+        built = bmt_comm.get_context().slot(cls)
+        built.count += 1
+        return built.count
 
 
 class Block(torch.nn.Module):
@@ -135,7 +139,7 @@ class Block(torch.nn.Module):
                 )
         named = [(n, p) for n, p in self._module.named_parameters() if isinstance(p, DistributedParameter)]
         comms = bmt_comm.get_context().comms
-        number = _next_block_number()
+        number = BuiltBlocks.next_number()
         storage = FlatStorage(
             named,
             _comm_chooser(self._mode),
@@ -143,7 +147,7 @@ class Block(torch.nn.Module):
             what=f"Block({type(self._module).__name__})",
             header=[f"Block #{number}: {type(self._module).__name__}"],
         )
-        self._runtime = BlockRuntime(SharedStorage(storage), self._policy)
+        self._runtime = BlockRuntime(SharedStorage(storage), self._policy, BlockScheduler.current())
 
     def reference(self, block: Block) -> None:
         """Share ``block``'s storage: both wrap the same inner module (e.g. a layer used twice)."""
@@ -151,7 +155,7 @@ class Block(torch.nn.Module):
             raise ValueError("reference() shares storage between Blocks wrapping the same inner module")
         if self._runtime is not None:
             raise RuntimeError("this Block already has its own parameter storage")
-        self._runtime = BlockRuntime(block.runtime.shared, self._policy)
+        self._runtime = BlockRuntime(block.runtime.shared, self._policy, block.runtime.scheduler)
 
     @property
     def runtime(self) -> BlockRuntime:
@@ -187,19 +191,14 @@ class Block(torch.nn.Module):
     # --- neighbours (prefetch order) ---------------------------------------------------
     def set_pre_module(self, pre_module: Block | None) -> None:
         """``pre_module`` runs right before this Block in forward (so right after it in backward):
-        each prefetches the other's parameters."""
-        self.runtime.link_after(None if pre_module is None else pre_module.runtime)
-        self.__dict__["_pre_block"] = pre_module
-        if pre_module is not None:
-            pre_module.__dict__["_next_block"] = self
+        each prefetches the other's parameters (the links live in the runtimes)."""
+        link_after(self, pre_module)
 
     def pre_module(self) -> Block | None:
-        pre: Block | None = self.__dict__.get("_pre_block")
-        return pre if pre is not None and pre.runtime is self.runtime.pre_runtime() else None
+        return self.runtime.pre_block()
 
     def next_module(self) -> Block | None:
-        nxt: Block | None = self.__dict__.get("_next_block")
-        return nxt if nxt is not None and nxt.runtime is self.runtime.next_runtime() else None
+        return self.runtime.next_block()
 
     def release(self) -> None:
         """Free gathered parameters now (they are gathered again when needed)."""
@@ -225,7 +224,7 @@ class Block(torch.nn.Module):
         call, tensors = BlockCall.of(runtime, self._module, self.use_checkpoint, device, args, kwargs, len(flat))
         if grad_mode and (flat or any(t.requires_grad for t in tensors)):
             return run_block(call, flat, tensors)
-        runtime.acquire(Phase.FORWARD)  # no graph: nothing is kept for a backward
+        runtime.acquire(BlockPhase.FORWARD)  # no graph: nothing is kept for a backward
         try:
             runtime.bind()
             out = self._module(*args, **kwargs)

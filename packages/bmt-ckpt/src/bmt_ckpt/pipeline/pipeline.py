@@ -18,6 +18,7 @@ import torch
 from bmt_zero.parameter import DistributedParameter
 from torch.nn.modules.module import _IncompatibleKeys
 
+from ..block import Block, BlockMode
 from ._pipe_ops import (
     BatchArg,
     HiddenStatesToOwners,
@@ -36,7 +37,6 @@ from ._pipe_state import (
     order_layer_keys,
     order_reported,
 )
-from .block import Block, BlockMode
 from .pipe_schedule import MicroBatches, StagePartition
 
 __all__ = ["PipelineTransformerBlockList"]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .runtime import BackwardHold, BlockRuntime, PendingBackward, Phase, queue_final_callback, track_reduce
+from .runtime import BackwardHold, BlockPhase, BlockRuntime, PendingBackward
 
 __all__ = ["BlockCall", "BlockFunction", "RngState", "AutocastState", "run_block"]
 
@@ -147,7 +147,7 @@ class BlockFunction(torch.autograd.Function):
         if call.use_checkpoint:
             ctx.rng = RngState.capture(call.device)
             ctx.autocast = AutocastState.capture(call.device)
-        runtime.acquire(Phase.FORWARD)
+        runtime.acquire(BlockPhase.FORWARD)
         try:
             runtime.bind()
             if call.use_checkpoint:
@@ -174,14 +174,14 @@ class BlockFunction(torch.autograd.Function):
             raise RuntimeError("a Block does not support double backward (backward with create_graph=True)")
         call: BlockCall = ctx.call
         runtime = call.runtime
-        queue_final_callback(call.device)
+        runtime.scheduler.queue_final_callback(call.device)
         if not call.use_checkpoint and not hasattr(ctx, "inner"):
             raise RuntimeError(
                 "a Block with use_checkpoint=False frees its saved graph after the first backward; "
                 "backward through it a second time needs use_checkpoint=True"
             )
         storage = runtime.storage
-        runtime.acquire(Phase.BACKWARD)
+        runtime.acquire(BlockPhase.RECOMPUTE if call.use_checkpoint else BlockPhase.BACKWARD)
         full_grads = storage.new_full_grads()
         try:
             runtime.bind(full_grads)
@@ -189,6 +189,7 @@ class BlockFunction(torch.autograd.Function):
                 leaves = _detached(ctx.saved_tensors)
                 with ctx.rng.restored(), ctx.autocast.restored(), torch.enable_grad():
                     outs = call.split_output(call.run(leaves))
+                runtime.advance(BlockPhase.BACKWARD)
             else:
                 leaves, outs = ctx.inner
                 del ctx.inner
@@ -199,7 +200,7 @@ class BlockFunction(torch.autograd.Function):
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wrt)
         finally:
             runtime.finish()
-        track_reduce(storage.reduce_scatter_grads(full_grads))
+        runtime.scheduler.track_reduce(storage.reduce_scatter_grads(full_grads))
         hold: BackwardHold | None = ctx.hold
         if hold is not None:
             hold.done()
