@@ -20,7 +20,7 @@ from typing import Any
 
 import bmt_comm
 import torch
-from bmt_zero.flat_storage import BufferState, FlatStorage, ReduceHandle
+from bmt_zero import BufferState, FlatStorage, ReduceHandle
 
 __all__ = [
     "Phase",
