@@ -37,7 +37,6 @@ class BufferState(Enum):
     GATHERED = "gathered"  # the full buffer is valid for work queued on the current stream
 
 
-
 class ReduceHandle(NamedTuple):
     """A reduce-scatter in flight on the load stream, and the full gradient buffer it reads."""
 
