@@ -174,8 +174,8 @@ WHOLE_SHAPE = (5,)  # a parameter every rank holds whole
 def _shards(
     world: int, rank: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(full CPU params, this rank's shards + one whole param on ``device``), shards carrying ZeRO's
-    attributes."""
+    """(full CPU params, this rank's shards + one whole param on ``device``), shards marked as
+    ``bmt_comm.Shard``s over the zero group."""
     full = make_params(FULL_SHAPES + [WHOLE_SHAPE], dtype)
     mine = []
     for f in full[:-1]:
@@ -183,7 +183,7 @@ def _shards(
         per = -(-n // world)
         start, end = min(n, rank * per), min(n, (rank + 1) * per)
         p = torch.nn.Parameter(f.detach().reshape(-1)[start:end].to(device, copy=True))
-        p._start_partition, p._end_partition, p._original_shape = start, end, f.shape  # type: ignore[attr-defined]
+        bmt_comm.mark_shard(p, start, end, n, bmt_comm.get_context().comms.zero)
         mine.append(p)
     mine.append(torch.nn.Parameter(full[-1].detach().to(device, copy=True)))
     return full, mine
@@ -192,8 +192,8 @@ def _shards(
 def _set_shard_grads(full: list[torch.Tensor], mine: list[torch.Tensor], step: int) -> None:
     for p, g in zip(mine, grads_for(full, step), strict=True):
         flat = (g * SCALE).to(p.dtype).reshape(-1)
-        if hasattr(p, "_start_partition"):
-            flat = flat[p._start_partition : p._end_partition]
+        if isinstance(p, bmt_comm.Shard):
+            flat = flat[p.shard_start : p.shard_end]
         p.grad = flat.reshape(p.shape).to(p.device, copy=True)
 
 

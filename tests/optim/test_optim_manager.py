@@ -238,7 +238,7 @@ def test_load_state_dict_mismatch() -> None:
 
 
 def _dist_worker() -> list[float]:
-    """Shards with ``_start_partition`` cover full tensors over the world; plain parameters are
+    """``bmt_comm.Shard``s cover full tensors over the world; plain parameters are
     replicated on every rank of a pipeline stage (and differ between stages)."""
     ctx = bmt_comm.get_context()
     rank, world, stages, stage = ctx.rank, ctx.world_size, ctx.topology.pipe_size, ctx.topology.stage_id
@@ -251,11 +251,9 @@ def _dist_worker() -> list[float]:
     for f in full_shards:
         n = f.numel() // world
         p = torch.nn.Parameter(torch.zeros(n))
-        p._start_partition = rank * n  # type: ignore[attr-defined]
-        p._end_partition = (rank + 1) * n  # type: ignore[attr-defined]
-        params.append(p)
+        params.append(bmt_comm.mark_shard(p, rank * n, (rank + 1) * n, world * n, ctx.comms.world))
     params += [torch.nn.Parameter(torch.zeros_like(f)) for f in full_plain[stage]]
-    locals_ = [f[p._start_partition : p._end_partition] for f, p in zip(full_shards, params[: len(full_shards)], strict=True)]  # type: ignore[attr-defined]
+    locals_ = [f[rank * f.numel() // world : (rank + 1) * f.numel() // world] for f in full_shards]
     mine = locals_ + full_plain[stage]
     everything = torch.cat([f.float() for f in full_shards + [t for s in full_plain for t in s]])
 

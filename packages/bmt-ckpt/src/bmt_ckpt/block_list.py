@@ -7,7 +7,7 @@ from typing import Any
 
 import bmt_comm
 import torch
-from bmt_zero.agreement import check_agreement
+from bmt_zero import check_agreement
 
 from .block import Block, BlockMode
 from .block.runtime import unlink_next

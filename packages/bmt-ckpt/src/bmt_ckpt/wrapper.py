@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-from bmt_zero.module import DistributedModule
-from bmt_zero.wrapper import make_distributed
+from bmt_zero import DistributedModule, make_distributed
 
 from .block import Block
 from .block_list import TransformerBlockList, chain_blocks

@@ -7,6 +7,7 @@ from .config import ConfigView, config
 from .context import Communicators, DistContext, get_context, is_initialized
 from .init import destroy, init_distributed
 from .objects import allgather_objects, broadcast_object
+from .shard import Shard, check_shard, mark_shard
 from .streams import Streams, current_stream, record_stream, stream_context, wait_stream
 from .sync import gather_result, sum_loss, synchronize, wait_loader
 from .timeouts import CollectiveError
@@ -32,6 +33,7 @@ __all__ = [
     "DistContext",
     "GroupKind",
     "ReduceOp",
+    "Shard",
     "Streams",
     "Topology",
     "TorchCommunicator",
@@ -40,6 +42,7 @@ __all__ = [
     "allgather_objects",
     "broadcast",
     "broadcast_object",
+    "check_shard",
     "config",
     "current_stream",
     "destroy",
@@ -47,6 +50,7 @@ __all__ = [
     "get_context",
     "init_distributed",
     "is_initialized",
+    "mark_shard",
     "print_block",
     "print_dict",
     "print_rank",

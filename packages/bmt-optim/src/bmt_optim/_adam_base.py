@@ -8,6 +8,19 @@ Both share one ``hold_steps`` rule: the first ``hold_steps`` calls to ``step`` u
 moments and the step count but use a learning rate of 0 (so no decay either). ``maximize`` is
 a per-group flag. Moments are unscaled fp32 whatever the loss scale, so ``_on_justify_scale``
 has nothing to do.
+
+What the optimizer sees is what it is given; it never looks inside a model:
+- ``AdamOptimizer(model.parameters())`` (the README's and 1.0.1's usage) gets one tensor per
+  model parameter: a ``DistributedParameter`` is this rank's 1-D piece of it (inside a Block, a
+  view into the Block's flat shard), a plain parameter is whole. The state, and so
+  ``state_dict()``, is keyed by those parameters in 1.0.1's order, which a checkpoint of 1.0.1
+  needs.
+- ``AdamOptimizer(p for _, ps in bmt.grouped_parameters(model) for p in ps)`` gets, for each
+  Block, its few big flat shards (one per dtype / requires_grad / group) instead of the
+  per-parameter views, and plain parameters as above; fewer, larger updates, but the state is
+  keyed by flat buffer, so it only reloads into the same model layout.
+Either way, sharded tensors are ``bmt_comm.Shard``s, which is all that ``state_dict(gather=True)``
+needs to know.
 """
 
 from __future__ import annotations
@@ -184,8 +197,8 @@ class AdamBase(torch.optim.Optimizer):
     def state_dict(self, gather: bool = False) -> dict[str, Any]:  # type: ignore[override]
         """torch's state dict plus ``"is_whole": gather``.
 
-        ``gather=True`` is collective over the groups of sharded parameters (those with
-        ``_start_partition``/``_end_partition``/``_original_shape``, e.g. ZeRO's): rank 0 receives
+        ``gather=True`` is collective over the groups of sharded parameters (``bmt_comm.Shard``s:
+        ZeRO's parameters and flat tensors, over their ``shard_comm``): rank 0 receives
         each state tensor as the flat 1-D fp32 tensor of the whole parameter on the CPU; the other
         ranks receive an empty ``state``. Such a state dict reloads at any world size.
         """

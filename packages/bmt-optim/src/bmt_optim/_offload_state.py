@@ -1,52 +1,38 @@
 """Whole (unsharded) optimizer state from ZeRO shards, and shards back from whole state.
 
-A parameter that has ``_start_partition``, ``_end_partition`` and ``_original_shape`` (a
-bmt-zero ``DistributedParameter``, or any tensor carrying them) holds elements
-``[_start_partition, _end_partition)`` of the flattened whole parameter. Its group is its
-``_zero_comm`` attribute when present, else bmt-comm's zero communicator. Any other parameter is
-whole. Nothing here assumes how shards are sized: each rank's range is exchanged once per call.
+A parameter that is a ``bmt_comm.Shard`` (a bmt-zero ``DistributedParameter``, a flat storage
+tensor, or any tensor carrying the protocol's attributes) holds elements
+``[shard_start, shard_end)`` of the flattened whole parameter, whose pieces lie over its
+``shard_comm``. Any other parameter is whole. Nothing here assumes how shards are sized: each
+rank's range is exchanged once per call.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
-from bmt_comm import Communicator
+from bmt_comm import Communicator, check_shard
 
-__all__ = ["Shard", "gather_state", "shard_of", "slice_whole"]
+__all__ = ["ShardRange", "gather_state", "shard_of", "slice_whole"]
 
 _GATHER_CHUNK = 1 << 24  # elements per rank per all-gather: bounds the device buffers used
 
 
-class Shard(NamedTuple):
+class ShardRange(NamedTuple):
     start: int
     end: int
     numel: int  # of the whole (flattened) parameter
+    comm: Communicator  # the group holding the pieces
 
 
-def shard_of(p: torch.Tensor) -> Shard | None:
+def shard_of(p: torch.Tensor) -> ShardRange | None:
     """The part of the whole parameter that ``p`` holds, or None when ``p`` is whole."""
-    if not all(hasattr(p, a) for a in ("_start_partition", "_end_partition", "_original_shape")):
+    sh = check_shard(p)
+    if sh is None:
         return None
-    start, end = int(p._start_partition), int(p._end_partition)  # type: ignore[attr-defined]
-    numel = math.prod(p._original_shape)  # type: ignore[attr-defined]
-    if not 0 <= start <= end <= numel or end - start != p.numel():
-        raise ValueError(
-            f"inconsistent shard: [{start}, {end}) of {numel} elements, but the tensor has {p.numel()}"
-        )
-    return Shard(start, end, numel)
-
-
-def _comm_of(p: torch.Tensor) -> Communicator | None:
-    comm = getattr(p, "_zero_comm", None)
-    if isinstance(comm, Communicator):
-        return comm
-    import bmt_comm
-
-    return bmt_comm.get_context().comms.zero if bmt_comm.is_initialized() else None
+    return ShardRange(sh.shard_start, sh.shard_end, sh.whole_numel, sh.shard_comm)
 
 
 class _Local(NamedTuple):
@@ -69,14 +55,13 @@ def gather_state(
     import bmt_comm
 
     comms: dict[int, Communicator] = {}
-    members: dict[int, list[tuple[int, Shard]]] = {}  # comm id -> its sharded params, in order
+    members: dict[int, list[tuple[int, ShardRange]]] = {}  # comm id -> its sharded params, in order
     out: dict[int, dict[str, Any]] = {}
     for i, p in enumerate(params):
         sh = shard_of(p)
-        comm = _comm_of(p) if sh is not None else None
-        if sh is not None and comm is not None and comm.size > 1:
-            comms.setdefault(id(comm), comm)
-            members.setdefault(id(comm), []).append((i, sh))
+        if sh is not None and sh.comm.size > 1:
+            comms.setdefault(id(sh.comm), sh.comm)
+            members.setdefault(id(sh.comm), []).append((i, sh))
         elif state.get(p):  # whole, or the only shard of a one-rank group
             out[i] = _local_whole(state[p], sh, keys)
     for cid, comm in comms.items():
@@ -103,7 +88,7 @@ def gather_state(
     return (out if is_root else {}), is_root
 
 
-def _local_whole(st: Mapping[str, Any], sh: Shard | None, keys: tuple[str, ...]) -> dict[str, Any]:
+def _local_whole(st: Mapping[str, Any], sh: ShardRange | None, keys: tuple[str, ...]) -> dict[str, Any]:
     entry: dict[str, Any] = {"step": st["step"]}
     for k in (k for k in keys if k in st):
         local = st[k].detach().reshape(-1).to("cpu", torch.float32, copy=True)

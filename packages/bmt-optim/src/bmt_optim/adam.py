@@ -2,10 +2,12 @@
 
 fp32 parameters go through torch's own Adam functional, as in BMTrain 1.0.1: the result is
 bitwise ``torch.optim.Adam`` (or ``torch.optim.AdamW`` with ``decoupled_weight_decay=True``).
-For fp16/bf16 parameters on GPU each tensor (ZeRO hands over a few big flat shards) is updated
-by ONE fused Triton kernel that unscales the gradient, updates the moments and the fp32 master
-(decoupled weight decay, as 1.0.1's kernel) and writes the low-precision parameter. Elsewhere
-(CPU, no Triton) the same arithmetic runs as torch ops.
+For fp16/bf16 parameters on GPU each tensor it is given is updated by ONE fused Triton kernel
+that unscales the gradient, updates the moments and the fp32 master (decoupled weight decay, as
+1.0.1's kernel) and writes the low-precision parameter: one launch per parameter from
+``model.parameters()``, one per flat buffer from ``bmt.grouped_parameters(model)`` (see
+``_adam_base`` for what each gives). Elsewhere (CPU, no Triton) the same arithmetic runs as
+torch ops.
 
 Differences from BMTrain 1.0.1's ``AdamOptimizer``, on purpose:
 - one ``hold_steps`` rule for every dtype: the first ``hold_steps`` steps use lr 0 (1.0.1 held

@@ -1,8 +1,9 @@
 """Global gradient norm over ZeRO shards, tensor-parallel slices and replicated parameters.
 
-Which gradients are shards: a parameter with a ``_start_partition`` attribute (BMTrain's
-``DistributedParameter``) or with ``_bmt_sharded = True`` holds a slice of a tensor that no other
-rank holds, so its p-th power sum is added over all ranks. Any other parameter is replicated on
+Which gradients are shards: a parameter that is a ``bmt_comm.Shard`` (bmt-zero's
+``DistributedParameter`` and flat storage tensors, or a tensor marked with
+``bmt_comm.mark_shard``) holds a slice of a tensor that no other rank holds, so its p-th power
+sum is added over all ranks. Any other parameter is replicated on
 every rank of its pipeline stage, so its sum is divided by the stage's size (the reference counts
 it once per rank). The result is the same at any world size, and equals the norm that one
 process holding the whole model computes.
@@ -14,14 +15,14 @@ import math
 from collections.abc import Iterable
 
 import torch
-from bmt_comm import Communicator, ReduceOp, get_context, is_initialized
+from bmt_comm import Communicator, ReduceOp, Shard, get_context, is_initialized
 
 __all__ = ["clip_grads_", "global_grad_norm", "is_sharded", "parse_norm_type"]
 
 
 def is_sharded(p: torch.Tensor) -> bool:
     """A ZeRO or tensor-parallel shard (its gradient is summed over ranks), see the module doc."""
-    return hasattr(p, "_start_partition") or getattr(p, "_bmt_sharded", False) is True
+    return isinstance(p, Shard)
 
 
 def parse_norm_type(norm_type: float | str) -> float:

@@ -1,11 +1,19 @@
-"""bmt-zero: ZeRO-sharded parameters and modules, flat sharded storage, checkpoints, tensor-parallel layers."""
+"""bmt-zero: ZeRO-sharded parameters and modules, flat sharded storage, checkpoints, tensor-parallel layers.
+
+Besides the user-facing names, the public API holds what bmt-ckpt builds Blocks from: the flat
+storage (``FlatStorage``, ``BufferState``, ``ReduceHandle``), the cross-rank ``check_agreement``,
+state-dict pieces (``load_distributed_param``, ``load_plain_tensor``, ``state_dst``,
+``keeps_state``) and ``init_distributed_parameter``. Parameters and flat tensors are
+``bmt_comm.Shard``s.
+"""
 
 from . import nn
-from .flat_storage import FlatStorage
-from .gather import gather_for_state, gather_full, gather_to
+from .agreement import check_agreement
+from .flat_storage import BufferState, FlatStorage, ReduceHandle
+from .gather import gather_for_state, gather_full, gather_to, keeps_state, state_dst
 from .grouping import grouped_parameters
-from .init_params import init_parameters
-from .module import BlockType, DistributedModule
+from .init_params import init_distributed_parameter, init_parameters
+from .module import BlockType, DistributedModule, load_distributed_param, load_plain_tensor
 from .parameter import DistributedParameter, InitMethod, ParameterInitializer
 from .partition import Partition
 from .reads import reused_gathers
@@ -14,23 +22,31 @@ from .wrapper import make_distributed
 
 __all__ = [
     "BlockType",
+    "BufferState",
     "DistributedModule",
     "DistributedParameter",
     "FlatStorage",
     "InitMethod",
     "ParameterInitializer",
     "Partition",
+    "ReduceHandle",
+    "check_agreement",
     "gather_for_state",
     "gather_full",
     "gather_to",
     "grouped_parameters",
+    "init_distributed_parameter",
     "init_parameters",
+    "keeps_state",
     "load",
+    "load_distributed_param",
+    "load_plain_tensor",
     "load_sharded",
     "make_distributed",
     "nn",
     "reused_gathers",
     "save",
+    "state_dst",
     "wait_for_save",
     "save_sharded",
 ]

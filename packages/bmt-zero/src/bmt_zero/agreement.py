@@ -5,19 +5,26 @@ shards when the sizes happen to match).
 
 Each rank hashes its description; one all-gather of the 8-byte hashes compares them. Only on a
 mismatch do the descriptions themselves travel, so every rank raises the same error, naming the
-first entry where two ranks differ.
+first entry where two ranks differ. ``check_plans_agree`` applies it to the buffers of a flat
+storage about to be built.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import bmt_comm
 import torch
 from bmt_comm import Communicator
 
-__all__ = ["check_agreement"]
+from .flat_layout import FlatLayout
+
+if TYPE_CHECKING:
+    from .parameter import DistributedParameter
+
+__all__ = ["check_agreement", "check_plans_agree"]
 
 
 def _digest(description: Sequence[str]) -> int:
@@ -59,3 +66,49 @@ def check_agreement(description: Sequence[str], comm: Communicator, what: str) -
 
 def _entry(description: Sequence[str], at: int) -> str:
     return repr(description[at]) if at < len(description) else "<nothing>"
+
+
+def _describe(layout: FlatLayout, params: Sequence[DistributedParameter]) -> list[str]:
+    return [
+        f"{slot.name}: shape {tuple(slot.shape)}, tp_split_dim {p._tp_split_dim}"
+        for slot, p in zip(layout.slots, params, strict=True)
+    ]
+
+
+def check_plans_agree(
+    plans: Sequence[tuple[FlatLayout, Sequence[DistributedParameter], Communicator]],
+    over: Communicator | None,
+    what: str,
+    header: Sequence[str] = (),
+) -> None:
+    """Before any collective of the build: the ranks of ``over`` agree on the buffers (and on the
+    parameters of those over ``over`` itself), then each other buffer's group on its parameters."""
+    if over is None:
+        groups = {c.global_ranks for _, _, c in plans}
+        if len(groups) > 1:
+            raise ValueError(f"{what} spans {len(groups)} groups: pass agree_over, a group holding them all")
+        if not plans:
+            return  # nothing to build: no collective follows
+        over = plans[0][2]
+    head: list[str] = list(header)
+    for layout, params, comm in plans:
+        head.append(f"buffer {layout.key.name} over {comm.size} ranks")
+        if comm.global_ranks == over.global_ranks:
+            head += _describe(layout, params)
+    check_agreement(head, over, what)
+    others = [(layout, params, comm) for layout, params, comm in plans if comm.global_ranks != over.global_ranks]
+    if not others:
+        return
+    error: ValueError | None = None
+    for layout, params, comm in others:
+        try:
+            check_agreement(_describe(layout, params), comm, f"{what} (buffer {layout.key.name})")
+        except ValueError as exc:
+            error = error or exc
+    # every rank of ``over`` learns of a disagreement inside a subgroup, instead of going on alone
+    failed = torch.tensor([float(error is not None)], device=over.device)
+    over.all_reduce(failed, "max")
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ValueError(f"{what}: the ranks of another subgroup of {list(over.global_ranks)} disagree (raised there)")

@@ -36,6 +36,8 @@ def gather_to(dst: int | None) -> Iterator[None]:
 
 
 def state_dst() -> int | None:
+    """The global rank that keeps the state being collected inside ``gather_to(dst)``; None
+    outside it (every rank keeps it)."""
     return _STATE_DST.get()
 
 

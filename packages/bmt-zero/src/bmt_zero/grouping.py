@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 
@@ -10,21 +11,22 @@ from .module import is_block
 
 __all__ = ["grouped_parameters"]
 
-_ACTIVE: set[int] = set()  # as in init_params: a module's own grouped_parameters() may call us
+# as in init_params: ids of the modules whose own grouped_parameters() is running (it may call us)
+_RUNNING: ContextVar[frozenset[int]] = ContextVar("bmt_zero_grouping_running", default=frozenset())
 
 
 def _collect_block(module: torch.nn.Module, add: Callable[[str | None, torch.nn.Parameter], None]) -> bool:
     """Add a Block's flat storage parameters; False if it has no ``grouped_parameters()`` to ask."""
     method = getattr(module, "grouped_parameters", None)
-    if not callable(method) or id(module) in _ACTIVE:
+    if not callable(method) or id(module) in _RUNNING.get():
         return False
-    _ACTIVE.add(id(module))
+    token = _RUNNING.set(_RUNNING.get() | {id(module)})
     try:
         for group, params in method():
             for p in params:
                 add(group, p)
     finally:
-        _ACTIVE.discard(id(module))
+        _RUNNING.reset(token)
     return True
 
 

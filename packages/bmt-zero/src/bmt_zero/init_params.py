@@ -4,6 +4,7 @@ than one full parameter at a time."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 
@@ -13,9 +14,10 @@ from .parameter import DistributedParameter
 
 __all__ = ["init_parameters", "init_distributed_parameter"]
 
-# modules whose init_parameters() is running: a module that calls bmt.init_parameters(self)
-# from its own init_parameters is walked generically instead of calling itself again
-_ACTIVE: set[int] = set()
+# ids of the modules whose init_parameters() is running (in this thread / task): a module that
+# calls bmt.init_parameters(self) from its own init_parameters is walked generically instead of
+# calling itself again
+_RUNNING: ContextVar[frozenset[int]] = ContextVar("bmt_zero_init_running", default=frozenset())
 
 
 class _Scratch:
@@ -67,16 +69,16 @@ def _walk(module: torch.nn.Module, seen: set[int]) -> Iterator[torch.nn.Module]:
 
 
 def _runs_own(module: torch.nn.Module) -> bool:
-    return is_block(module) and id(module) not in _ACTIVE
+    return is_block(module) and id(module) not in _RUNNING.get()
 
 
 def _run_own(module: torch.nn.Module) -> None:
-    _ACTIVE.add(id(module))
+    token = _RUNNING.set(_RUNNING.get() | {id(module)})
     try:
         method: Callable[[], object] = getattr(module, "init_parameters")  # noqa: B009 - a registered BlockType
         method()
     finally:
-        _ACTIVE.discard(id(module))
+        _RUNNING.reset(token)
 
 
 def init_parameters(model: torch.nn.Module) -> None:

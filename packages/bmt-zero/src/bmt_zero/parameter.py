@@ -47,8 +47,12 @@ class DistributedParameter(torch.nn.Parameter):
     ``data`` is the full logical tensor (in ``tp_mode``: this tensor-parallel rank's slice), a
     ``meta`` tensor, or just a shape; in the last two cases nothing larger than the shard is ever
     allocated and values come from ``init_method`` (see ``init_parameters``) or a checkpoint.
-    The parameter itself is 1-D: this rank's ``[_start_partition, _end_partition)`` slice of the
-    flattened tensor. ``gather()`` rebuilds the full tensor, differentiably.
+    The parameter itself is 1-D: this rank's ``[shard_start, shard_end)`` slice of the flattened
+    tensor (a ``bmt_comm.Shard``; ``_start_partition``/``_end_partition`` are 1.0.1's names of the
+    same two numbers). ``gather()`` rebuilds the full tensor, differentiably.
+
+    The private fields below belong to bmt-zero: this class sets them, and its flat storage moves
+    them with ``_bind_storage``; other packages read the public properties.
     """
 
     _original_shape: torch.Size
@@ -112,6 +116,36 @@ class DistributedParameter(torch.nn.Parameter):
     @property
     def group(self) -> str | None:
         return self._group
+
+    # --- the bmt_comm.Shard protocol: what the optimizer and gradient clipping read ------------
+    @property
+    def shard_start(self) -> int:
+        """First element of the flattened (tp-local) whole parameter held by this rank."""
+        return self._start_partition
+
+    @property
+    def shard_end(self) -> int:
+        """One past the last element held by this rank."""
+        return self._end_partition
+
+    @property
+    def whole_numel(self) -> int:
+        """Elements of the whole (in ``tp_mode``: tp-local) parameter."""
+        return self._original_shape.numel()
+
+    @property
+    def shard_comm(self) -> Communicator:
+        """The group whose ranks hold the pieces: zero (tp_zero), or a Block storage's group."""
+        return self._zero_comm
+
+    def _bind_storage(self, view: torch.Tensor, start: int, end: int, comm: Communicator) -> None:
+        """Flat storage took this parameter: ``view`` (of the storage's shard) is its data now,
+        holding elements ``[start, end)``, whose pieces lie over ``comm``, in rank order."""
+        self.grad = None  # a gradient of the old shard has no place in the flat storage
+        self.data = view
+        self._in_block = True
+        self._start_partition, self._end_partition = start, end
+        self._zero_comm = comm
 
     def gather(self) -> torch.Tensor:  # type: ignore[override]  # the reference's API, not Tensor.gather
         """The full tensor of ``_original_shape`` (all-gathered); its gradient returns to the shard."""

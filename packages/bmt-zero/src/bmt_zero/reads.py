@@ -18,6 +18,7 @@ should not stay alive through the forward.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 
@@ -28,21 +29,27 @@ from .parameter import DistributedParameter
 __all__ = ["reused_gathers", "read_full", "enter_scope", "exit_scope"]
 
 # (id(param), grad enabled, inference mode) -> (param, its full tensor); None outside any scope,
-# _OFF inside reused_gathers(False). The param itself is kept in the value so that its id cannot
+# OFF inside reused_gathers(False). The param itself is kept in the value so that its id cannot
 # be reused while the entry lives.
 _Cache = dict[tuple[int, bool, bool], tuple[DistributedParameter, torch.Tensor]]
-_OFF: _Cache = {}  # a scope without reuse: nothing is ever stored in it
-_SCOPE: ContextVar[_Cache | None] = ContextVar("bmt_zero_reused_gathers", default=None)
 
 
-def enter_scope() -> Token[_Cache | None] | None:
+class _Off(enum.Enum):
+    OFF = "off"  # a scope without reuse: nothing is ever stored
+
+
+_Scope = _Cache | _Off | None
+_SCOPE: ContextVar[_Scope] = ContextVar("bmt_zero_reused_gathers", default=None)
+
+
+def enter_scope() -> Token[_Scope] | None:
     """Open a scope unless one is open (then None: the outer one keeps the gathered tensors)."""
     if _SCOPE.get() is not None:
         return None
     return _SCOPE.set({})
 
 
-def exit_scope(token: Token[_Cache | None] | None) -> None:
+def exit_scope(token: Token[_Scope] | None) -> None:
     if token is not None:
         _SCOPE.reset(token)
 
@@ -52,7 +59,7 @@ def reused_gathers(enabled: bool = True) -> Iterator[None]:
     """Inside, each DistributedParameter read outside a Block is all-gathered once (per grad
     mode) and then reused; the parameters must not change until the block exits. With
     ``enabled=False``, every read inside gathers anew (module calls inside open no scope)."""
-    token = _SCOPE.set(_OFF) if not enabled else enter_scope()
+    token = _SCOPE.set(_Off.OFF) if not enabled else enter_scope()
     try:
         yield
     finally:
@@ -62,7 +69,7 @@ def reused_gathers(enabled: bool = True) -> Iterator[None]:
 def read_full(param: DistributedParameter) -> torch.Tensor:
     """The full, differentiable tensor of ``param``: the scope's earlier gather, or a new one."""
     cache = _SCOPE.get()
-    if cache is None or cache is _OFF:
+    if cache is None or cache is _Off.OFF:
         return param.gather()
     key = (id(param), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
     hit = cache.get(key)

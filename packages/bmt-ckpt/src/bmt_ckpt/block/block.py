@@ -10,10 +10,7 @@ from typing import Any
 import bmt_comm
 import torch
 from bmt_comm import Communicator
-from bmt_zero.flat_storage import FlatStorage
-from bmt_zero.gather import state_dst
-from bmt_zero.module import BlockType
-from bmt_zero.parameter import DistributedParameter
+from bmt_zero import BlockType, DistributedParameter, FlatStorage, state_dst
 
 from .checkpointing import BlockCall, run_block
 from .runtime import BlockPhase, BlockRuntime, ReleasePolicy, SharedStorage, link_after

@@ -13,10 +13,14 @@ from typing import Any
 
 import bmt_comm
 import torch
-from bmt_zero.gather import gather_for_state, keeps_state
-from bmt_zero.init_params import init_distributed_parameter
-from bmt_zero.module import load_distributed_param, load_plain_tensor
-from bmt_zero.parameter import DistributedParameter
+from bmt_zero import (
+    DistributedParameter,
+    gather_for_state,
+    init_distributed_parameter,
+    keeps_state,
+    load_distributed_param,
+    load_plain_tensor,
+)
 
 __all__ = ["save_block_state", "load_block_state", "init_block_parameters"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import bmt_comm
 import torch
-from bmt_zero.gather import gather_to, state_dst
+from bmt_zero import gather_to, state_dst
 
 from ._pipe_ops import PipeLink
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import bmt_comm
 import torch
-from bmt_zero.parameter import DistributedParameter
+from bmt_zero import DistributedParameter
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..block import Block, BlockMode
