@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 
+import bmtrain as bmt
 import torch
 import torch.nn.functional as F
-
-import bmtrain as bmt
 
 DIM, VOCAB = 64, 97
 
