@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
-from .communicator import Communicator
+from .communicator import Backend, Communicator
 from .streams import Streams
 from .topology import GroupKind, Topology
 
@@ -84,7 +84,7 @@ class DistContext:
     topology: Topology
     comms: Communicators
     streams: Streams
-    backend: str  # "nccl" (bmt's runtime-loaded NCCL) or "torch" (torch.distributed transport)
+    backend: Backend  # NCCL (bmt's runtime-loaded NCCL) or TORCH (torch.distributed transport)
     pipe_enabled: bool  # pipe_size > 0 was passed, even 1
     micros: int  # pipeline micro-batches
     seed: int

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import HashStore, Store
 
 from .arguments import check_init_arguments
-from .communicator import Communicator
+from .communicator import Backend, Communicator
 from .context import Communicators, DistContext, _set_context, get_context, is_initialized, process_state
 from .streams import make_streams
 from .timeouts import DEFAULT_TIMEOUT
@@ -56,7 +56,7 @@ class LaunchEnv:
         return env
 
 
-def _select_backend(device: torch.device) -> str:
+def _select_backend(device: torch.device) -> Backend:
     """NCCL through bmt's own binding on GPUs; BMT_COMM_BACKEND=torch forces torch.distributed."""
     choice = os.environ.get("BMT_COMM_BACKEND", "auto").lower()
     if choice not in ("auto", "nccl", "torch"):
@@ -64,8 +64,8 @@ def _select_backend(device: torch.device) -> str:
     if device.type != "cuda":
         if choice == "nccl":
             raise RuntimeError("BMT_COMM_BACKEND=nccl needs CUDA, but no GPU is visible")
-        return "torch"
-    return "torch" if choice == "torch" else "nccl"
+        return Backend.TORCH
+    return Backend.TORCH if choice == "torch" else Backend.NCCL
 
 
 def _ensure_default_group(
@@ -154,7 +154,7 @@ def _object_groups(
 def _build_communicators(
     topo: Topology,
     device: torch.device,
-    backend: str,
+    backend: Backend,
     store: Store | None,
     object_groups: dict[tuple[int, ...], dist.ProcessGroup],
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
@@ -192,7 +192,7 @@ def _transport(
     ranks: tuple[int, ...],
     key: str,
     device: torch.device,
-    backend: str,
+    backend: Backend,
     store: Store | None,
     object_groups: dict[tuple[int, ...], dist.ProcessGroup],
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
@@ -203,7 +203,7 @@ def _transport(
     """This rank's communicator over ``ranks`` (None if not a member). Called by every rank."""
     member = topo.rank in ranks
     label = "/".join(kind.value for kind in GroupKind if topo.group_ranks(kind) == ranks) if member else ""
-    if backend == "nccl":
+    if backend is Backend.NCCL:
         if not member:
             return None
         from .nccl import NcclCommunicator
