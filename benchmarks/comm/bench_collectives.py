@@ -35,10 +35,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 try:
-    from bmt_comm.nccl import NcclCommunicator, get_library
+    import bmtrain  # noqa: F401  # installed: bmt-comm and bmtrain.benchmark come with it
 except ImportError:  # run from a checkout without installing: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packages" / "bmt-comm" / "src"))
-    from bmt_comm.nccl import NcclCommunicator, get_library
+    for _package in ("bmt-comm", "bmt-zero", "bmt-ckpt", "bmt-optim", "bmtrain"):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packages" / _package / "src"))
+from bmt_comm import ReduceOp
+from bmt_comm.nccl import NcclCommunicator, get_library
+from bmtrain.benchmark.timing import bandwidth, slowest, time_calls
 
 MiB = 1 << 20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -79,27 +82,6 @@ def _sizes(lo: int, hi: int, factor: int) -> list[int]:
     return out
 
 
-def _time_calls(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
-    """Microseconds of each of ``iters`` calls, timed by CUDA events on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends, strict=True):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends, strict=True)]
-
-
-def _slowest(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     if not torch.equal(got, want):
         raise RuntimeError(f"{name} gave a wrong result: {got[:4].tolist()} != {want[:4].tolist()}")
@@ -117,7 +99,7 @@ def _bench_size(
     calls: dict[tuple[str, str], Callable[[], object]] = {
         ("all_gather", "bmt"): lambda: bmt.all_gather(small, big),
         ("all_gather", "torch"): lambda: dist.all_gather_into_tensor(big, small),
-        ("reduce_scatter", "bmt"): lambda: bmt.reduce_scatter(big, small, "sum"),
+        ("reduce_scatter", "bmt"): lambda: bmt.reduce_scatter(big, small, ReduceOp.SUM),
         ("reduce_scatter", "torch"): lambda: dist.reduce_scatter_tensor(small, big),
     }
     rows = []
@@ -132,10 +114,13 @@ def _bench_size(
         else:
             _check(f"{impl} reduce_scatter {size}", small[::stride],
                    torch.full_like(small[::stride], n * (n + 1) // 2))
-        us = _slowest(statistics.median(_time_calls(fn, warmup, iters)), dev)
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        seconds = slowest(statistics.median(time_calls(fn, dev, iters, each=True)), bmt)
         nbytes = numel * esize
-        algbw = nbytes / (us * 1e-6) / 1e9
-        rows.append(BandwidthRow(op, impl, nbytes, us, algbw, algbw * (n - 1) / n))
+        algbw, busbw = bandwidth(nbytes, seconds, (n - 1) / n)
+        rows.append(BandwidthRow(op, impl, nbytes, seconds * 1e6, algbw, busbw))
     return rows
 
 
@@ -148,7 +133,7 @@ def _bench_latency(bmt: NcclCommunicator, dtype: torch.dtype, calls_per_loop: in
     calls: dict[tuple[str, str], Callable[[], object]] = {
         ("all_gather", "bmt"): lambda: bmt.all_gather(small, big),
         ("all_gather", "torch"): lambda: dist.all_gather_into_tensor(big, small),
-        ("reduce_scatter", "bmt"): lambda: bmt.reduce_scatter(big, small, "sum"),
+        ("reduce_scatter", "bmt"): lambda: bmt.reduce_scatter(big, small, ReduceOp.SUM),
         ("reduce_scatter", "torch"): lambda: dist.reduce_scatter_tensor(small, big),
     }
     rows = []
@@ -167,8 +152,8 @@ def _bench_latency(bmt: NcclCommunicator, dtype: torch.dtype, calls_per_loop: in
             host.append((time.perf_counter() - t0) / calls_per_loop * 1e6)
             torch.cuda.synchronize()
             gpu.append(start.elapsed_time(end) * 1000.0 / calls_per_loop)
-        rows.append(LatencyRow(op, impl, numel * esize, _slowest(statistics.median(gpu), dev),
-                               _slowest(statistics.median(host), dev)))
+        rows.append(LatencyRow(op, impl, numel * esize, slowest(statistics.median(gpu), bmt),
+                               slowest(statistics.median(host), bmt)))
     return rows
 
 

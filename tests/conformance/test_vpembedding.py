@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from bmt_zero import DistributedParameter
 from bmt_zero.nn import VPEmbedding
 
-from ..tp.test_tp_layers import full_grad
+from ..zero.test_tp_layers import full_grad
 
 V, D, N, S = 8, 4, 3, 5
 ATOL, RTOL = 1e-5, 1e-4

@@ -2,7 +2,7 @@
 CUDA streams and differentiable collectives for BMTrain."""
 
 from .collectives import all_gather, all_reduce, broadcast, recv_activations, reduce_scatter, send_activations
-from .communicator import Communicator, ReduceOp
+from .communicator import Backend, Communicator, ReduceOp
 from .config import ConfigView, config
 from .context import Communicators, DistContext, get_context, is_initialized
 from .init import destroy, init_distributed
@@ -26,6 +26,7 @@ from .utils import (
 
 __all__ = [
     "AverageRecorder",
+    "Backend",
     "CollectiveError",
     "Communicator",
     "Communicators",

@@ -15,7 +15,20 @@ from enum import Enum
 
 import torch
 
-__all__ = ["Communicator", "ReduceOp", "check_same_dtype", "check_device", "check_contiguous"]
+__all__ = ["Backend", "Communicator", "ReduceOp", "check_same_dtype", "check_device", "check_contiguous"]
+
+
+class Backend(str, Enum):
+    """Which transport ``init_distributed`` picked (``bmt.config["backend"]``).
+
+    A ``str`` enum, so a comparison with the strings of earlier releases (``== "nccl"``) holds.
+    """
+
+    NCCL = "nccl"  # bmt's runtime-loaded NCCL (bmt_comm.nccl.NcclCommunicator), on GPUs
+    TORCH = "torch"  # torch.distributed (TorchCommunicator): gloo on CPU, or BMT_COMM_BACKEND=torch
+
+    def __str__(self) -> str:  # prints as the plain string it was before
+        return str(self.value)
 
 
 class ReduceOp(str, Enum):

@@ -9,7 +9,7 @@ from .context import get_context, is_initialized
 
 __all__ = ["ConfigView", "config"]
 
-_WRITABLE = {"save_param_to_cpu"}
+_WRITABLE = frozenset({"save_param_to_cpu"})
 
 
 class ConfigView(Mapping[str, Any]):

@@ -1,20 +1,46 @@
-"""The one object that holds a process's distributed state after ``init_distributed``."""
+"""The one place bmt-comm keeps mutable state: :class:`ProcessState`, reached by :func:`process_state`.
+
+Every other module of bmt-comm holds only constants; what changes at run time lives here:
+
+- ``context``: the :class:`DistContext` of the current ``init_distributed`` (None before it and
+  after ``destroy``), read by :func:`get_context`;
+- ``generation``: how many times this process has initialized; each init names its store keys
+  (NCCL unique ids, failure reports) with it, so a re-init never reads a stale id;
+- ``nccl_library``: the libnccl binding, loaded on first NCCL use (``bmt_comm.nccl.get_library``);
+- ``watchdog`` (and its lock): the NCCL watchdog thread, started on the first watched collective;
+- ``nccl_groups``: each thread's ``groupStart``/``groupEnd`` nesting (NCCL groups are per thread).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import threading
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
-from .communicator import Communicator
+from .communicator import Backend, Communicator
 from .streams import Streams
 from .topology import GroupKind, Topology
 
-__all__ = ["Communicators", "DistContext", "Settings", "get_context", "is_initialized"]
+if TYPE_CHECKING:
+    from .nccl._binding import NcclLibrary
+    from .nccl.watchdog import Watchdog
+
+__all__ = [
+    "Communicators",
+    "DistContext",
+    "NcclGroupState",
+    "ProcessState",
+    "Settings",
+    "get_context",
+    "is_initialized",
+    "process_state",
+]
 
 _T = TypeVar("_T")
 
@@ -60,7 +86,7 @@ class DistContext:
     topology: Topology
     comms: Communicators
     streams: Streams
-    backend: str  # "nccl" (bmt's runtime-loaded NCCL) or "torch" (torch.distributed transport)
+    backend: Backend  # NCCL (bmt's runtime-loaded NCCL) or TORCH (torch.distributed transport)
     pipe_enabled: bool  # pipe_size > 0 was passed, even 1
     micros: int  # pipeline micro-batches
     seed: int
@@ -83,23 +109,54 @@ class DistContext:
         return obj
 
 
-_CONTEXT: DistContext | None = None
+class NcclGroupState(threading.local):
+    """One thread's open ``bmt.nccl.groupStart`` nesting, and the Communicators joined into it."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.stack: contextlib.ExitStack | None = None
+        self.joined: set[int] = set()
+
+
+@dataclass
+class ProcessState:
+    """Everything bmt-comm changes at run time, for the life of the process (see the module doc)."""
+
+    context: DistContext | None = None
+    generation: int = 0  # inits so far; names the init's store keys
+    nccl_library: NcclLibrary | None = None  # loaded on first NCCL use
+    watchdog: Watchdog | None = None  # started on the first watched NCCL collective
+    watchdog_lock: threading.Lock = field(default_factory=threading.Lock)  # guards ``watchdog``
+    nccl_groups: NcclGroupState = field(default_factory=NcclGroupState)
+
+    def next_generation(self) -> int:
+        """A number no earlier init of this process used (every rank counts alike)."""
+        self.generation += 1
+        return self.generation
+
+
+_PROCESS = ProcessState()
+
+
+def process_state() -> ProcessState:
+    """The process's one :class:`ProcessState`."""
+    return _PROCESS
 
 
 def is_initialized() -> bool:
-    return _CONTEXT is not None
+    return _PROCESS.context is not None
 
 
 def get_context() -> DistContext:
     """The state set up by ``init_distributed``; a RuntimeError that says so before it."""
-    if _CONTEXT is None:
+    ctx = _PROCESS.context
+    if ctx is None:
         raise RuntimeError(
             "BMTrain is not initialized: call bmt.init_distributed() "
             "(bmt_comm.init_distributed()) before using distributed parameters or collectives"
         )
-    return _CONTEXT
+    return ctx
 
 
 def _set_context(ctx: DistContext | None) -> None:
-    global _CONTEXT
-    _CONTEXT = ctx
+    _PROCESS.context = ctx

@@ -16,17 +16,14 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import HashStore, Store
 
 from .arguments import check_init_arguments
-from .communicator import Communicator
-from .context import Communicators, DistContext, _set_context, get_context, is_initialized
+from .communicator import Backend, Communicator
+from .context import Communicators, DistContext, _set_context, get_context, is_initialized, process_state
 from .streams import make_streams
 from .timeouts import DEFAULT_TIMEOUT
 from .topology import GroupKind, Topology
 from .torch_communicator import TorchCommunicator
 
 __all__ = ["init_distributed", "destroy", "LaunchEnv"]
-
-_GENERATION = 0  # how many times this process has built communicators (NCCL store keys)
-
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -59,7 +56,7 @@ class LaunchEnv:
         return env
 
 
-def _select_backend(device: torch.device) -> str:
+def _select_backend(device: torch.device) -> Backend:
     """NCCL through bmt's own binding on GPUs; BMT_COMM_BACKEND=torch forces torch.distributed."""
     choice = os.environ.get("BMT_COMM_BACKEND", "auto").lower()
     if choice not in ("auto", "nccl", "torch"):
@@ -67,8 +64,8 @@ def _select_backend(device: torch.device) -> str:
     if device.type != "cuda":
         if choice == "nccl":
             raise RuntimeError("BMT_COMM_BACKEND=nccl needs CUDA, but no GPU is visible")
-        return "torch"
-    return "torch" if choice == "torch" else "nccl"
+        return Backend.TORCH
+    return Backend.TORCH if choice == "torch" else Backend.NCCL
 
 
 def _ensure_default_group(
@@ -157,7 +154,7 @@ def _object_groups(
 def _build_communicators(
     topo: Topology,
     device: torch.device,
-    backend: str,
+    backend: Backend,
     store: Store | None,
     object_groups: dict[tuple[int, ...], dist.ProcessGroup],
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
@@ -169,8 +166,9 @@ def _build_communicators(
     Every rank walks every rank set in the same order: ``dist.new_group`` is collective over
     the world, and the NCCL store keys must match across the members of a group.
     """
-    global _GENERATION
-    _GENERATION += 1  # a fresh key space per init, so a re-init never reads the last run's ids
+    # a fresh key space per init (the one mechanism that keeps a re-init from reading the last
+    # run's NCCL ids or failure reports): every rank counts its inits alike
+    generation = process_state().next_generation()
     mine: dict[tuple[int, ...], Communicator] = {}
     for kind in GroupKind:
         ranks = topo.group_ranks(kind)
@@ -178,8 +176,8 @@ def _build_communicators(
             mine.setdefault(ranks, TorchCommunicator(None, ranks, 0, device))
     try:
         for index, ranks in enumerate(_distinct_rank_sets(topo)):
-            comm = _transport(topo, ranks, f"bmt_nccl_uid/{_GENERATION}/{index}", device, backend, store,
-                              object_groups, timeout, reuse_world, world_timeout)
+            comm = _transport(topo, ranks, f"bmt_nccl_uid/{generation}/{index}", device, backend, store,
+                              object_groups, timeout, reuse_world, world_timeout, generation)
             if comm is not None:
                 mine[ranks] = comm
     except BaseException:
@@ -194,17 +192,18 @@ def _transport(
     ranks: tuple[int, ...],
     key: str,
     device: torch.device,
-    backend: str,
+    backend: Backend,
     store: Store | None,
     object_groups: dict[tuple[int, ...], dist.ProcessGroup],
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
     reuse_world: bool = True,
     world_timeout: datetime.timedelta | None = None,
+    generation: int = 0,
 ) -> Communicator | None:
     """This rank's communicator over ``ranks`` (None if not a member). Called by every rank."""
     member = topo.rank in ranks
     label = "/".join(kind.value for kind in GroupKind if topo.group_ranks(kind) == ranks) if member else ""
-    if backend == "nccl":
+    if backend is Backend.NCCL:
         if not member:
             return None
         from .nccl import NcclCommunicator
@@ -220,7 +219,7 @@ def _transport(
         gloo = object_groups[ranks]
         known = timeout if gloo is not dist.group.WORLD else world_timeout
         return TorchCommunicator(gloo, ranks, ranks.index(topo.rank), device, timeout=known, store=store,
-                                 label=label, generation=str(_GENERATION))
+                                 label=label, generation=str(generation))
     # torch transport on GPUs: the NCCL side of the default group; new_group is collective.
     # A default group without NCCL (gloo only) cannot carry CUDA tensors: make an NCCL group.
     world = reuse_world and len(ranks) == topo.world_size and "nccl" in str(dist.get_backend()).lower()
@@ -230,7 +229,7 @@ def _transport(
     assert pg is not None  # WORLD exists once the default group does
     return TorchCommunicator(pg, ranks, ranks.index(topo.rank), device, owns_group=not world,
                              timeout=timeout if not world else world_timeout,
-                             store=store, label=label, generation=str(_GENERATION))
+                             store=store, label=label, generation=str(generation))
 
 
 

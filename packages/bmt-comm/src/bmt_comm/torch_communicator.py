@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -15,12 +16,12 @@ from .timeouts import guard
 
 __all__ = ["TorchCommunicator"]
 
-_TORCH_OPS = {
+_TORCH_OPS: Mapping[ReduceOp, dist.ReduceOp.RedOpType] = MappingProxyType({
     ReduceOp.SUM: dist.ReduceOp.SUM,
     ReduceOp.PROD: dist.ReduceOp.PRODUCT,
     ReduceOp.MAX: dist.ReduceOp.MAX,
     ReduceOp.MIN: dist.ReduceOp.MIN,
-}
+})
 
 # dtypes gloo and torch's NCCL group both reduce natively (bool is reduced as uint8, see _as_reducible)
 _REDUCIBLE = (

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import bmt_comm
 import torch
-from bmt_comm import Communicator
+from bmt_comm import Communicator, ReduceOp
 
 from .flat_layout import FlatLayout
 
@@ -107,7 +107,7 @@ def check_plans_agree(
             error = error or exc
     # every rank of ``over`` learns of a disagreement inside a subgroup, instead of going on alone
     failed = torch.tensor([float(error is not None)], device=over.device)
-    over.all_reduce(failed, "max")
+    over.all_reduce(failed, ReduceOp.MAX)
     if error is not None:
         raise error
     if failed.item():

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import bmt_comm
 import torch
-from bmt_comm import Communicator
+from bmt_comm import Communicator, ReduceOp
 
 from .flat_layout import FlatLayout
 from .parameter import DistributedParameter
@@ -121,7 +121,7 @@ class FlatBuffer:
                         lo, hi = max(a, w0), min(b, w0 + width)
                         if lo < hi:
                             staged[q * width + lo - w0 : q * width + hi - w0].copy_(src[lo - a : hi - a])
-                self.comm.reduce_scatter(staged, shard[c0:c1], "sum")
+                self.comm.reduce_scatter(staged, shard[c0:c1], ReduceOp.SUM)
         part_start = self.layout.partition(self.comm.rank)[0]
         for slot, p, (lo, hi) in zip(self.layout.slots, self.params, self.local_ranges, strict=True):
             if p._zero_comm is self.comm:
@@ -234,10 +234,10 @@ class FlatBuffer:
         event: torch.cuda.Event | None = None
         with bmt_comm.stream_context(streams.load):
             if overwrite:  # nothing to keep: no temporary, no addition
-                self.comm.reduce_scatter(full_grad, grad, "sum")
+                self.comm.reduce_scatter(full_grad, grad, ReduceOp.SUM)
             else:
                 part = torch.empty(self.layout.partition_numel, dtype=grad.dtype, device=self.device)
-                self.comm.reduce_scatter(full_grad, part, "sum")
+                self.comm.reduce_scatter(full_grad, part, ReduceOp.SUM)
                 grad.add_(part)
             if streams.load is not None:
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]

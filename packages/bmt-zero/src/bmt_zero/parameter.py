@@ -234,5 +234,5 @@ class _Gather(torch.autograd.Function):
             padded[: part.numel].copy_(flat)
             flat = padded
         shard = torch.empty(part.shard_numel, dtype=grad.dtype, device=grad.device)
-        comm.reduce_scatter(flat, shard, "sum")
+        comm.reduce_scatter(flat, shard, bmt_comm.ReduceOp.SUM)
         return shard[: part.local_numel].view(ctx.shard_shape)

@@ -9,21 +9,11 @@ from pathlib import Path
 
 import bmt_comm
 import torch
-from bmt_comm import AverageRecorder, print_block, print_dict, print_rank, round_up, see_memory
+from bmt_comm import printing
+from bmt_comm.printing import *  # noqa: F403  # print_rank and friends, listed once there
 
-__all__ = [
-    "print_rank",
-    "print_block",
-    "print_dict",
-    "see_memory",
-    "AverageRecorder",
-    "round_up",
-    "tp_split_tensor",
-    "check_torch_version",
-    "load_nccl_pypi",
-    "ALIGN",
-    "ROW_WIDTH",
-]
+__all__ = ["tp_split_tensor", "check_torch_version", "load_nccl_pypi", "ALIGN", "ROW_WIDTH"]
+__all__ += printing.__all__
 
 ALIGN = 4  # print_dict rounds its key column up to a multiple of this (1.0.1's constant)
 ROW_WIDTH = 60  # print_dict/print_block width in characters (1.0.1's constant)
@@ -81,13 +71,14 @@ def load_nccl_pypi() -> None:
             f"the nvidia.nccl package at {list(spec.submodule_search_locations)} has no lib/libnccl.so*; "
             f"reinstall {_NCCL_PACKAGES}"
         )
-    from bmt_comm.nccl import NcclLibrary, get_library
-    from bmt_comm.nccl._library import ENV_VAR
+    from bmt_comm.nccl import NcclLibrary, loaded_library
+    from bmt_comm.nccl._search import ENV_VAR
 
     path = str(libs[0])
     NcclLibrary(path)  # opens it now: a RuntimeError here names what is wrong with it
-    if get_library.cache_info().currsize:  # bmt already picked its library
-        current = get_library().path
+    loaded = loaded_library()
+    if loaded is not None:  # bmt already picked its library
+        current = loaded.path
         if os.path.realpath(current) != os.path.realpath(path):
             raise RuntimeError(
                 f"bmt already uses the NCCL library {current}; call load_nccl_pypi() before the "

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
-from bmt_zero.flat_storage import FlatStorage
+from bmt_zero import FlatStorage
 
 from .scheduler import BlockScheduler
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import bmt_comm
 import torch
-from bmt_zero.flat_storage import BufferState, ReduceHandle
+from bmt_zero import BufferState, ReduceHandle
 
 if TYPE_CHECKING:
     from .runtime import SharedStorage

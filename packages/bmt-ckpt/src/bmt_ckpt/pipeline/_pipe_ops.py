@@ -248,7 +248,7 @@ class BatchArg(torch.autograd.Function):
         with link.on_stream():
             bmt_comm.record_stream(g, link.stream)
             bmt_comm.record_stream(out, link.stream)
-            link.comm.reduce_scatter(g, out, "sum")
+            link.comm.reduce_scatter(g, out, bmt_comm.ReduceOp.SUM)
         return out, None
 
 

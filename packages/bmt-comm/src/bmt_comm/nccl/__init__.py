@@ -1,53 +1,19 @@
 """bmt's NCCL transport: libnccl loaded at run time through ctypes (no headers, no compiler).
 
 - :class:`NcclCommunicator`: the ``Communicator`` that ``init_distributed`` builds on GPUs;
-- the reference's low-level ``bmtrain.nccl`` functions (``allGather(src, dst, comm)``, ...), see
-  :mod:`bmt_comm.nccl.api`;
+- the reference's low-level ``bmtrain.nccl`` functions (``allGather(src, dst, comm)``, ...) and
+  constants, see :mod:`bmt_comm.nccl.api` and :mod:`bmt_comm.nccl.enums` (whose ``__all__`` are
+  the one list of those names);
 - :func:`nccl_available` / :func:`nccl_version` and the library search (``BMT_NCCL_LIBRARY``).
 """
 
-from ._handle import NCCLCommunicator
-from ._library import NcclError, NcclLibrary, get_library, library_candidates, nccl_available
+from . import api, enums
+from ._binding import NcclError, NcclLibrary
+from ._search import get_library, library_candidates, loaded_library, nccl_available
 from ._types import SUPPORTED_DTYPES, NcclDataType, NcclRedOp
-from .api import (
-    allGather,
-    allReduce,
-    broadcast,
-    commCount,
-    commDestroy,
-    commInitRank,
-    commRank,
-    dtype2nccl,
-    getUniqueId,
-    groupEnd,
-    groupStart,
-    ncclAvg,
-    ncclBFloat16,
-    ncclBool,
-    ncclChar,
-    ncclDouble,
-    ncclFloat,
-    ncclFloat16,
-    ncclFloat32,
-    ncclFloat64,
-    ncclHalf,
-    ncclInt,
-    ncclInt8,
-    ncclInt32,
-    ncclInt64,
-    ncclMax,
-    ncclMin,
-    ncclProd,
-    ncclSum,
-    ncclUint8,
-    ncclUint32,
-    ncclUint64,
-    recv,
-    reduce,
-    reduceScatter,
-    send,
-)
+from .api import *  # noqa: F403  # the reference's bmtrain.nccl functions
 from .communicator import NcclCommunicator
+from .enums import *  # noqa: F403  # and its constants
 
 
 def nccl_version() -> tuple[int, int, int]:
@@ -55,52 +21,19 @@ def nccl_version() -> tuple[int, int, int]:
     return get_library().version
 
 
+# bmt's own names, then the reference's
 __all__ = [
-    "NCCLCommunicator",
     "NcclCommunicator",
     "NcclDataType",
     "NcclError",
     "NcclLibrary",
     "NcclRedOp",
     "SUPPORTED_DTYPES",
-    "allGather",
-    "allReduce",
-    "broadcast",
-    "commCount",
-    "commDestroy",
-    "commInitRank",
-    "commRank",
-    "dtype2nccl",
     "get_library",
-    "getUniqueId",
-    "groupEnd",
-    "groupStart",
     "library_candidates",
+    "loaded_library",
     "nccl_available",
     "nccl_version",
-    "ncclAvg",
-    "ncclBFloat16",
-    "ncclBool",
-    "ncclChar",
-    "ncclDouble",
-    "ncclFloat",
-    "ncclFloat16",
-    "ncclFloat32",
-    "ncclFloat64",
-    "ncclHalf",
-    "ncclInt",
-    "ncclInt8",
-    "ncclInt32",
-    "ncclInt64",
-    "ncclMax",
-    "ncclMin",
-    "ncclProd",
-    "ncclSum",
-    "ncclUint8",
-    "ncclUint32",
-    "ncclUint64",
-    "recv",
-    "reduce",
-    "reduceScatter",
-    "send",
 ]
+__all__ += api.__all__
+__all__ += enums.__all__

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._library import NcclLibrary, get_library
+from ._binding import NcclLibrary
+from ._search import get_library
 
 __all__ = ["NCCLCommunicator", "stream_of"]
 

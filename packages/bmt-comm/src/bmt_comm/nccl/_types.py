@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
+from types import MappingProxyType
 
 import torch
 
@@ -36,7 +38,7 @@ class NcclRedOp(IntEnum):
     AVG = 4
 
 
-_DTYPES: dict[torch.dtype, NcclDataType] = {
+_DTYPES: Mapping[torch.dtype, NcclDataType] = MappingProxyType({
     torch.int8: NcclDataType.INT8,
     torch.uint8: NcclDataType.UINT8,
     torch.int32: NcclDataType.INT32,
@@ -46,26 +48,26 @@ _DTYPES: dict[torch.dtype, NcclDataType] = {
     torch.float32: NcclDataType.FLOAT32,
     torch.float64: NcclDataType.FLOAT64,
     torch.bool: NcclDataType.UINT8,  # one byte of 0/1; reductions below keep it 0/1
-}
+})
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPES)
 
-_OPS: dict[ReduceOp, NcclRedOp] = {
+_OPS: Mapping[ReduceOp, NcclRedOp] = MappingProxyType({
     ReduceOp.SUM: NcclRedOp.SUM,
     ReduceOp.PROD: NcclRedOp.PROD,
     ReduceOp.MAX: NcclRedOp.MAX,
     ReduceOp.MIN: NcclRedOp.MIN,
     ReduceOp.AVG: NcclRedOp.AVG,
-}
+})
 
 # bool reduces as logical or (sum, max, avg) or logical and (min, prod), as the torch transport does
-_BOOL_OPS: dict[ReduceOp, NcclRedOp] = {
+_BOOL_OPS: Mapping[ReduceOp, NcclRedOp] = MappingProxyType({
     ReduceOp.SUM: NcclRedOp.MAX,
     ReduceOp.MAX: NcclRedOp.MAX,
     ReduceOp.AVG: NcclRedOp.MAX,
     ReduceOp.MIN: NcclRedOp.MIN,
     ReduceOp.PROD: NcclRedOp.MIN,
-}
+})
 
 
 def nccl_dtype(dtype: torch.dtype) -> NcclDataType:

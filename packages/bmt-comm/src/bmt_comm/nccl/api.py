@@ -10,17 +10,18 @@ current stream, or any bmt :class:`~bmt_comm.communicator.Communicator` such as
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import torch
 
 from ..communicator import Communicator, ReduceOp
+from ..context import NcclGroupState, process_state
 from ._handle import NCCLCommunicator
-from ._library import get_library, nccl_available
-from ._types import NcclDataType, NcclRedOp, nccl_dtype, nccl_op
+from ._search import get_library, nccl_available
+from ._types import nccl_dtype, nccl_op
 
+# the reference's ``bmtrain.nccl`` functions; its constants are ``bmt_comm.nccl.enums.__all__``
 __all__ = [
     "NCCLCommunicator",
     "getUniqueId",
@@ -38,27 +39,8 @@ __all__ = [
     "groupStart",
     "groupEnd",
     "dtype2nccl",
-    "ncclInt8", "ncclChar", "ncclBool", "ncclUint8", "ncclInt32", "ncclInt", "ncclUint32",
-    "ncclInt64", "ncclUint64", "ncclFloat16", "ncclHalf", "ncclFloat32", "ncclFloat",
-    "ncclFloat64", "ncclDouble", "ncclBFloat16",
-    "ncclSum", "ncclProd", "ncclMax", "ncclMin", "ncclAvg",
+    "op2nccl",
 ]
-
-ncclInt8 = ncclChar = ncclBool = int(NcclDataType.INT8)
-ncclUint8 = int(NcclDataType.UINT8)
-ncclInt32 = ncclInt = int(NcclDataType.INT32)
-ncclUint32 = int(NcclDataType.UINT32)
-ncclInt64 = int(NcclDataType.INT64)
-ncclUint64 = int(NcclDataType.UINT64)
-ncclFloat16 = ncclHalf = int(NcclDataType.FLOAT16)
-ncclFloat32 = ncclFloat = int(NcclDataType.FLOAT32)
-ncclFloat64 = ncclDouble = int(NcclDataType.FLOAT64)
-ncclBFloat16 = int(NcclDataType.BFLOAT16)
-ncclSum = int(NcclRedOp.SUM)
-ncclProd = int(NcclRedOp.PROD)
-ncclMax = int(NcclRedOp.MAX)
-ncclMin = int(NcclRedOp.MIN)
-ncclAvg = int(NcclRedOp.AVG)
 
 Buffer: TypeAlias = torch.Tensor | torch.UntypedStorage | torch.TypedStorage
 Comm: TypeAlias = NCCLCommunicator | Communicator
@@ -67,6 +49,14 @@ Comm: TypeAlias = NCCLCommunicator | Communicator
 def dtype2nccl(dtype: torch.dtype) -> int:
     """``ncclDataType_t`` of a torch dtype (bool travels as uint8); TypeError for others."""
     return int(nccl_dtype(dtype))
+
+
+def op2nccl(op: ReduceOp | str) -> int:
+    """NCCL's number for a reduction named as 1.0.1 names them (``"sum"`` -> ``ncclSum``)."""
+    names = [o.value for o in ReduceOp]
+    if op not in names:
+        raise ValueError(f"op must be one of {names}, got {op!r}")
+    return int(nccl_op(op, torch.float32))
 
 
 # --- buffers -----------------------------------------------------------------------------
@@ -256,47 +246,43 @@ def recv(dst: Buffer, peer: int, comm: Comm) -> None:
 
 
 # --- groups ------------------------------------------------------------------------------
-class _GroupState(threading.local):
-    """NCCL groups are per thread; so is the list of Communicators joined into the open group."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.stack: contextlib.ExitStack | None = None
-        self.joined: set[int] = set()
-
-
-_STATE = _GroupState()
-
-
 def _nccl_groups() -> bool:
     return torch.cuda.is_available() and nccl_available()
+
+
+def _groups() -> NcclGroupState:
+    """This thread's open-group state (NCCL groups are per thread), kept in the process state."""
+    return process_state().nccl_groups
 
 
 def _join_open_group(comm: Communicator) -> None:
     """Inside groupStart/groupEnd, a Communicator's calls join its own group() (sends and
     receives of the torch transport are then posted together, as NCCL's are)."""
-    if _STATE.stack is not None and id(comm) not in _STATE.joined:
-        _STATE.joined.add(id(comm))
-        _STATE.stack.enter_context(comm.group())
+    state = _groups()
+    if state.stack is not None and id(comm) not in state.joined:
+        state.joined.add(id(comm))
+        state.stack.enter_context(comm.group())
 
 
 def groupStart() -> None:
+    state = _groups()
     if _nccl_groups():
         get_library().group_start()
-    if _STATE.depth == 0:
-        _STATE.stack = contextlib.ExitStack()
-        _STATE.joined = set()
-    _STATE.depth += 1
+    if state.depth == 0:
+        state.stack = contextlib.ExitStack()
+        state.joined = set()
+    state.depth += 1
 
 
 def groupEnd() -> None:
-    if _STATE.depth == 0:
+    state = _groups()
+    if state.depth == 0:
         raise RuntimeError("groupEnd() called without a matching groupStart()")
-    _STATE.depth -= 1
-    stack = _STATE.stack if _STATE.depth == 0 else None
+    state.depth -= 1
+    stack = state.stack if state.depth == 0 else None
     if stack is not None:
-        _STATE.stack = None
-        _STATE.joined = set()
+        state.stack = None
+        state.joined = set()
     try:
         if stack is not None:
             stack.close()

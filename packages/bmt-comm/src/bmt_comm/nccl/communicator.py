@@ -15,8 +15,9 @@ from torch._C._distributed_c10d import Store
 
 from ..communicator import Communicator, ReduceOp
 from ..timeouts import CollectiveError
+from ._binding import NcclLibrary
 from ._handle import NCCLCommunicator, stream_of
-from ._library import NcclLibrary, get_library
+from ._search import get_library
 from ._types import NcclRedOp, nccl_dtype, nccl_op
 from .watchdog import get_watchdog
 
@@ -24,23 +25,20 @@ _NCCL_IN_PROGRESS = 7  # ncclInProgress: a non-blocking call still running, not 
 
 __all__ = ["NcclCommunicator", "exchange_unique_id"]
 
-# how often this process used each store key: all ranks make the same calls in the same order,
-# so "<key>/<n>" names the same fresh slot everywhere and a re-init never reads a stale id
-_KEY_USES: dict[str, int] = {}
-
-
 def exchange_unique_id(
     store: Store, key: str, is_root: bool, lib: NcclLibrary | None = None
 ) -> bytes:
-    """Group rank 0 makes an ``ncclUniqueId`` and publishes it under ``key``; the others wait for it."""
-    use = _KEY_USES.get(key, 0)
-    _KEY_USES[key] = use + 1
-    slot = f"{key}/{use}"
+    """Group rank 0 makes an ``ncclUniqueId`` and publishes it under ``key``; the others wait for it.
+
+    ``key`` must be new to ``store``: ``init_distributed`` names its keys with the process's init
+    generation (:meth:`bmt_comm.context.ProcessState.next_generation`), so a re-init never reads
+    the id of an earlier run.
+    """
     if is_root:
         uid = (lib if lib is not None else get_library()).get_unique_id()
-        store.set(slot, uid)  # type: ignore[arg-type]  # the binding takes bytes (a std::string)
+        store.set(key, uid)  # type: ignore[arg-type]  # the binding takes bytes (a std::string)
         return uid
-    return bytes(store.get(slot))
+    return bytes(store.get(key))
 
 
 class NcclCommunicator(Communicator):
@@ -113,7 +111,8 @@ class NcclCommunicator(Communicator):
         timeout: datetime.timedelta | None = None,
         label: str = "",
     ) -> NcclCommunicator:
-        """Share the unique id through a torch ``Store`` under ``key``, then init on ``device``."""
+        """Share the unique id through a torch ``Store`` under ``key`` (new to the store, see
+        :func:`exchange_unique_id`), then init on ``device``."""
         lib = lib if lib is not None else get_library()
         uid = exchange_unique_id(store, key, rank_in_group == 0, lib)
         return cls.from_unique_id(uid, global_ranks, rank_in_group, device, lib, timeout, label)

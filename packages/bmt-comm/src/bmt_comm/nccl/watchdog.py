@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..context import process_state
 from ..timeouts import CollectiveError
 
 __all__ = ["Pending", "Watched", "Watchdog", "get_watchdog", "raise_in_main_thread", "stop_watchdog"]
@@ -159,23 +160,20 @@ def raise_in_main_thread(error: CollectiveError) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main.ident), ctypes.py_object(exc_type))
 
 
-_WATCHDOG: Watchdog | None = None
-_WATCHDOG_LOCK = threading.Lock()
-
-
 def get_watchdog() -> Watchdog:
-    """The process's watchdog, its thread started on first use."""
-    global _WATCHDOG
-    with _WATCHDOG_LOCK:
-        if _WATCHDOG is None:
-            _WATCHDOG = Watchdog(on_failure=raise_in_main_thread)
-        _WATCHDOG.start()
-        return _WATCHDOG
+    """The process's watchdog (kept in :class:`bmt_comm.context.ProcessState`), its thread
+    started on first use."""
+    state = process_state()
+    with state.watchdog_lock:
+        if state.watchdog is None:
+            state.watchdog = Watchdog(on_failure=raise_in_main_thread)
+        state.watchdog.start()
+        return state.watchdog
 
 
 def stop_watchdog() -> None:
-    global _WATCHDOG
-    with _WATCHDOG_LOCK:
-        if _WATCHDOG is not None:
-            _WATCHDOG.stop()
-            _WATCHDOG = None
+    state = process_state()
+    with state.watchdog_lock:
+        if state.watchdog is not None:
+            state.watchdog.stop()
+            state.watchdog = None

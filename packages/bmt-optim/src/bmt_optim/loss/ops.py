@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from bmt_comm import Communicator, all_reduce, get_context
+from bmt_comm import Communicator, ReduceOp, all_reduce, get_context
 
 from . import functional as F
 
@@ -56,10 +56,10 @@ class VPFusedCrossEntropy(torch.autograd.Function):
         start = comm.rank * part
         outside = (target < start) | (target >= start + part)  # this rank holds no logit of the target
         local_t = torch.where(outside, 0, target - start).long()
-        mx = all_reduce(logits.amax(dim=-1).float(), "max", comm)
+        mx = all_reduce(logits.amax(dim=-1).float(), ReduceOp.MAX, comm)
         picked = logits.gather(1, local_t[:, None])[:, 0].float().masked_fill(outside, 0.0)
-        picked = all_reduce(picked, "sum", comm) - mx
-        s = all_reduce(F.fused_sumexp(logits, mx), "sum", comm) + _SUM_EPS
+        picked = all_reduce(picked, ReduceOp.SUM, comm) - mx
+        s = all_reduce(F.fused_sumexp(logits, mx), ReduceOp.SUM, comm) + _SUM_EPS
         softmax = logits.clone()
         F.fused_softmax_inplace(softmax, mx, s)
         ctx.save_for_backward(softmax, outside, local_t)

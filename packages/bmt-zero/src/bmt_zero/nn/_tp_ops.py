@@ -109,7 +109,7 @@ def reduce_scatter_rows(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
         return x
     n = _check_rows(x, comm, "reduce-scatter of the output")
     out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    comm.reduce_scatter(x.contiguous(), out, "sum")
+    comm.reduce_scatter(x.contiguous(), out, bmt_comm.ReduceOp.SUM)
     return out
 
 
@@ -119,7 +119,7 @@ def all_reduce_sum(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     out = x.contiguous()
     if out is x:  # never reduce into a tensor autograd may still need
         out = x.clone()
-    comm.all_reduce(out, "sum")
+    comm.all_reduce(out, bmt_comm.ReduceOp.SUM)
     return out
 
 
@@ -211,7 +211,7 @@ def _linear_reduce_scatter(
         with bmt_comm.stream_context(side):
             bmt_comm.record_stream(y, side)
             bmt_comm.record_stream(out, side)
-            comm.reduce_scatter(y, out, "sum")
+            comm.reduce_scatter(y, out, bmt_comm.ReduceOp.SUM)
         outs.append(out)
     bmt_comm.wait_stream(cur, side)
     return torch.cat(outs, dim=0)
@@ -351,5 +351,5 @@ def vocab_parallel_embedding(
     outside = (local < 0) | (local >= weight.shape[0])
     emb = F.embedding(local.masked_fill(outside, 0), weight)  # (size, *ids.shape, dim)
     emb = emb.masked_fill(outside.unsqueeze(-1), 0)
-    out: torch.Tensor = bmt_comm.reduce_scatter(emb, "sum", comm)  # backward: all-gather
+    out: torch.Tensor = bmt_comm.reduce_scatter(emb, bmt_comm.ReduceOp.SUM, comm)  # backward: all-gather
     return out.squeeze(0)

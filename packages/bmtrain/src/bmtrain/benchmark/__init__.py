@@ -6,9 +6,9 @@ Each function prints one line per size on rank 0 and returns the measurements.
 """
 
 from . import shape, utils
-from ._timing import Measurement
 from .all_gather import all_gather
 from .reduce_scatter import reduce_scatter
 from .send_recv import send_recv
+from .timing import Measurement
 
 __all__ = ["all_gather", "reduce_scatter", "send_recv", "Measurement", "shape", "utils"]

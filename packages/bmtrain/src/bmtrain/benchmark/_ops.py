@@ -6,7 +6,7 @@ import bmt_comm
 import torch
 from bmt_comm import Communicator
 
-from ._timing import Measurement, buffer_dtype, default_sizes, format_size, measure
+from .timing import Measurement, buffer_dtype, default_sizes, format_size, measure
 
 __all__ = ["all_gather", "reduce_scatter", "send_recv"]
 
@@ -59,7 +59,7 @@ def reduce_scatter(comm: Communicator | None = None, sizes: list[int] | None = N
         nbytes = inp.numel() * inp.element_size()
 
         def run(inp: torch.Tensor = inp, out: torch.Tensor = out) -> None:
-            comm.reduce_scatter(inp, out, "sum")
+            comm.reduce_scatter(inp, out, bmt_comm.ReduceOp.SUM)
 
         m = measure("reduce_scatter", comm, nbytes, run, (comm.size - 1) / comm.size, iters)
         _report(m)

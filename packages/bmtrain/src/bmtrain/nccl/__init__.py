@@ -1,58 +1,16 @@
 """``bmtrain.nccl``: raw NCCL calls on the current CUDA stream (bmt-comm's run-time binding).
 
 The library is the one the installed torch uses, loaded on first use, so importing this module
-needs neither NCCL nor a GPU.
+needs neither NCCL nor a GPU. The names are those of :mod:`bmt_comm.nccl.api` and
+:mod:`bmt_comm.nccl.enums`.
 """
 
-from bmt_comm.nccl import (
-    NCCLCommunicator,
-    allGather,
-    allReduce,
-    broadcast,
-    commCount,
-    commDestroy,
-    commInitRank,
-    commRank,
-    dtype2nccl,
-    getUniqueId,
-    groupEnd,
-    groupStart,
-    recv,
-    reduce,
-    reduceScatter,
-    send,
-)
+from bmt_comm.nccl import api
+from bmt_comm.nccl.api import *  # noqa: F403  # the reference's functions, listed once there
+from bmt_comm.nccl.enums import *  # noqa: F403  # and constants
 
-from . import enums
-from .enums import *  # noqa: F403 - the reference's constants (ncclInt8 ... ncclAvg)
-from .enums import ncclAvg, ncclMax, ncclMin, ncclProd, ncclSum
+from . import enums as enums  # the reference's sub-module path
 
-__all__ = [
-    "NCCLCommunicator",
-    "getUniqueId",
-    "commInitRank",
-    "commDestroy",
-    "commCount",
-    "commRank",
-    "allReduce",
-    "broadcast",
-    "reduce",
-    "allGather",
-    "reduceScatter",
-    "send",
-    "recv",
-    "groupStart",
-    "groupEnd",
-    "dtype2nccl",
-    "op2nccl",
-    *enums.__all__,
-]
-
-_OPS = {"sum": ncclSum, "prod": ncclProd, "max": ncclMax, "min": ncclMin, "avg": ncclAvg}
-
-
-def op2nccl(op: str) -> int:
-    """NCCL's number for a reduction named as 1.0.1 names them (``"sum"`` -> ``ncclSum``)."""
-    if op not in _OPS:
-        raise ValueError(f"op must be one of {list(_OPS)}, got {op!r}")
-    return _OPS[op]
+__all__: list[str] = []
+__all__ += api.__all__
+__all__ += enums.__all__

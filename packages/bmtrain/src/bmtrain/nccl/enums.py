@@ -1,49 +1,7 @@
 """NCCL data-type and reduction-op numbers (``bmtrain.nccl.enums`` in BMTrain 1.0.1)."""
 
-from bmt_comm.nccl import (
-    ncclAvg,
-    ncclBFloat16,
-    ncclBool,
-    ncclChar,
-    ncclDouble,
-    ncclFloat,
-    ncclFloat16,
-    ncclFloat32,
-    ncclFloat64,
-    ncclHalf,
-    ncclInt,
-    ncclInt8,
-    ncclInt32,
-    ncclInt64,
-    ncclMax,
-    ncclMin,
-    ncclProd,
-    ncclSum,
-    ncclUint8,
-    ncclUint32,
-    ncclUint64,
-)
+from bmt_comm.nccl import enums as _enums
+from bmt_comm.nccl.enums import *  # noqa: F403  # the names, listed once in bmt_comm.nccl.enums
 
-__all__ = [
-    "ncclInt8",
-    "ncclChar",
-    "ncclBool",
-    "ncclUint8",
-    "ncclInt32",
-    "ncclInt",
-    "ncclUint32",
-    "ncclInt64",
-    "ncclUint64",
-    "ncclFloat16",
-    "ncclHalf",
-    "ncclFloat32",
-    "ncclFloat",
-    "ncclFloat64",
-    "ncclDouble",
-    "ncclBFloat16",
-    "ncclSum",
-    "ncclProd",
-    "ncclMax",
-    "ncclMin",
-    "ncclAvg",
-]
+__all__: list[str] = []
+__all__ += _enums.__all__

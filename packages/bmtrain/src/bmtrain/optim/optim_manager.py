@@ -33,7 +33,7 @@ def check_overflow(param_groups: Iterable[Mapping[str, Any]]) -> None:
             has_inf_nan(g, local)
             flag.bitwise_or_(local.to(flag.device))
     if initialized:
-        bmt_comm.get_context().comms.world.all_reduce(flag, "max")
+        bmt_comm.get_context().comms.world.all_reduce(flag, bmt_comm.ReduceOp.MAX)
     if flag.item() > 0:
         raise OverflowError("Gradient overflow")
 

@@ -12,7 +12,7 @@ import torch
 from bmt_comm.nccl.watchdog import Watchdog
 from bmt_comm.timeouts import CollectiveError
 
-from .harness import run_distributed_outcomes
+from ..harness import run_distributed_outcomes
 
 
 class _Event:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from .harness import run_distributed, run_distributed_outcomes
+from ..harness import run_distributed, run_distributed_outcomes
 
 TIMEOUT_S = 10
 CPU = {"CUDA_VISIBLE_DEVICES": ""}

@@ -14,10 +14,12 @@ import bmt_comm
 import pytest
 import torch
 from bmt_comm.communicator import ReduceOp
-from bmt_comm.nccl import _library, api
+from bmt_comm.context import process_state
+from bmt_comm.nccl import _search, api
 from bmt_comm.nccl import communicator as nccl_comm_mod
+from bmt_comm.nccl._binding import NcclError, NcclLibrary
 from bmt_comm.nccl._handle import NCCLCommunicator
-from bmt_comm.nccl._library import ENV_VAR, LibrarySource, NcclError
+from bmt_comm.nccl._search import ENV_VAR, LibrarySource
 from bmt_comm.nccl._types import NcclDataType, NcclRedOp, nccl_dtype, nccl_op
 from bmt_comm.nccl.communicator import NcclCommunicator, exchange_unique_id
 
@@ -72,13 +74,12 @@ def fake_search(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     """Replace every search location; tests fill the lists. The cached library is dropped."""
     found: dict[str, list[str]] = {"loaded": [], "pip": [], "torch": [], "system": []}
     monkeypatch.delenv(ENV_VAR, raising=False)
-    monkeypatch.setattr(_library, "_loaded_paths", lambda: found["loaded"])
-    monkeypatch.setattr(_library, "_pip_paths", lambda: found["pip"])
-    monkeypatch.setattr(_library, "_torch_paths", lambda: found["torch"])
-    monkeypatch.setattr(_library, "_system_paths", lambda: found["system"])
-    _library.get_library.cache_clear()
+    monkeypatch.setattr(_search, "_loaded_paths", lambda: found["loaded"])
+    monkeypatch.setattr(_search, "_pip_paths", lambda: found["pip"])
+    monkeypatch.setattr(_search, "_torch_paths", lambda: found["torch"])
+    monkeypatch.setattr(_search, "_system_paths", lambda: found["system"])
+    monkeypatch.setattr(process_state(), "nccl_library", None)
     yield found
-    _library.get_library.cache_clear()
 
 
 def test_search_order(fake_search: dict[str, list[str]]) -> None:
@@ -86,7 +87,7 @@ def test_search_order(fake_search: dict[str, list[str]]) -> None:
         loaded=["/proc/lib/libnccl.so.2"], pip=["/pip/libnccl.so.2", "/proc/lib/libnccl.so.2"],
         torch=["/torch/lib/libnccl.so.2"], system=["libnccl.so.2"],
     )
-    cands = _library.library_candidates()
+    cands = _search.library_candidates()
     assert [(c.source, c.path) for c in cands] == [
         (LibrarySource.LOADED, "/proc/lib/libnccl.so.2"),  # the duplicate under pip is dropped
         (LibrarySource.PIP, "/pip/libnccl.so.2"),
@@ -100,15 +101,15 @@ def test_env_var_overrides_everything(fake_search: dict[str, list[str]], monkeyp
     fake_search.update(pip=["/pip/libnccl.so.2"])
     missing = str(tmp_path / "nope" / "libnccl.so.2")
     monkeypatch.setenv(ENV_VAR, missing)
-    assert [(c.source, c.path) for c in _library.library_candidates()] == [(LibrarySource.ENV, missing)]
+    assert [(c.source, c.path) for c in _search.library_candidates()] == [(LibrarySource.ENV, missing)]
     with pytest.raises(RuntimeError, match=f"{ENV_VAR} names a library.*{missing}.*no such file"):
-        _library.load_library()
+        _search.load_library()
 
 
 def test_no_library_is_a_clear_error(fake_search: dict[str, list[str]]) -> None:
     with pytest.raises(RuntimeError, match=f"could not load libnccl.*no candidate found.*{ENV_VAR}"):
-        _library.load_library()
-    assert _library.nccl_available() is False
+        _search.load_library()
+    assert _search.nccl_available() is False
     with pytest.raises(RuntimeError, match="could not load libnccl"):
         api.getUniqueId()
 
@@ -119,7 +120,7 @@ def test_a_library_that_is_not_nccl_is_skipped_with_its_reason(fake_search: dict
         pytest.skip("no libc found by ctypes.util.find_library to stand in for a non-NCCL library")
     fake_search.update(torch=["/torch/lib/libnccl.so.2"], system=[libc])
     with pytest.raises(RuntimeError) as info:
-        _library.load_library()
+        _search.load_library()
     msg = str(info.value)
     assert "/torch/lib/libnccl.so.2 (torch/lib): no such file" in msg
     assert f"{libc} (ctypes.util.find_library('nccl')): {libc} has no symbol ncclGetVersion" in msg
@@ -133,8 +134,8 @@ def test_loaded_paths_reads_the_process_maps(tmp_path: Any) -> None:
         "7f03-7f04 r--p 00001000 08:01 2 /site/nvidia/nccl/lib/libnccl.so.2\n"
         "7f05-7f06 rw-p 00000000 00:00 0 \n"
     )
-    assert _library._loaded_paths(str(maps)) == ["/site/nvidia/nccl/lib/libnccl.so.2"]
-    assert _library._loaded_paths(str(tmp_path / "absent")) == []
+    assert _search._loaded_paths(str(maps)) == ["/site/nvidia/nccl/lib/libnccl.so.2"]
+    assert _search._loaded_paths(str(tmp_path / "absent")) == []
 
 
 def test_pip_paths_finds_the_nvidia_namespace_package(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,15 +143,15 @@ def test_pip_paths_finds_the_nvidia_namespace_package(tmp_path: Any, monkeypatch
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert str(lib) in _library._pip_paths()
+    assert str(lib) in _search._pip_paths()
 
 
 # --- the real library (the nvidia-nccl wheel), no GPU needed ----------------------------------
 
-def _real_library() -> _library.NcclLibrary:
-    if not _library.nccl_available():
+def _real_library() -> NcclLibrary:
+    if not _search.nccl_available():
         pytest.skip("no libnccl here (install the nvidia-nccl-cu12/cu13 wheel to run this test)")
-    return _library.get_library()
+    return _search.get_library()
 
 
 def test_real_library_version_and_error_strings() -> None:
@@ -198,13 +199,12 @@ def test_unique_id_exchange_through_a_store() -> None:
     store = torch.distributed.HashStore()
     lib: Any = _FakeIds()
     key = f"test-uid-{os.getpid()}"
-    # one process plays both ranks: each call of a key uses a fresh slot, as every rank counts alike
+    # one process plays both ranks: the root publishes under the key, the other rank reads it
     root_first = exchange_unique_id(store, key, True, lib)
-    nccl_comm_mod._KEY_USES[key] -= 1
     assert exchange_unique_id(store, key, False, lib) == root_first == b"\x01" * 128
-    root_again = exchange_unique_id(store, key, True, lib)
-    nccl_comm_mod._KEY_USES[key] -= 1
-    assert exchange_unique_id(store, key, False, lib) == root_again == b"\x02" * 128
+    again = f"{key}/again"  # a later group gets a key of its own, as each init's keys carry its generation
+    root_again = exchange_unique_id(store, again, True, lib)
+    assert exchange_unique_id(store, again, False, lib) == root_again == b"\x02" * 128
 
 
 # --- NcclCommunicator's calls into NCCL (recorded by a fake library) ---------------------------

@@ -62,7 +62,7 @@ LONE_PROCESS = textwrap.dedent(
     import os, sys, tempfile
     import torch, torch.distributed as dist
     import bmt_comm
-    from tests.test_comm_init import CONFIG_KEYS, check_uninitialized_errors
+    from tests.comm.test_comm_init import CONFIG_KEYS, check_uninitialized_errors
 
     check_uninitialized_errors()
     bmt_comm.init_distributed()
@@ -98,7 +98,7 @@ LONE_PROCESS = textwrap.dedent(
 
 
 def test_lone_process_without_launch_env():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
     env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a GPU machine

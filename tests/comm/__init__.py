@@ -1,0 +1,1 @@
+"""Tests of bmt-comm: topology, communicators, collectives, NCCL binding and watchdog, timeouts."""
