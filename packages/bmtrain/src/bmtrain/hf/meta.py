@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from bmt_ckpt import BMTrainModelWrapper
 from bmt_zero.init_params import init_parameters
 from bmt_zero.parameter import DistributedParameter, ParameterInitializer
 
@@ -75,6 +74,8 @@ def from_config(
     ``_default_init``); ``init=False`` leaves zeros for :func:`load_pretrained` to fill.
     """
     import transformers
+
+    from ..wrapper import BMTrainModelWrapper  # bmtrain.wrapper imports this package
 
     if isinstance(config_or_cls, type):
         cls, cfg = config_or_cls, config if config is not None else config_or_cls.config_class()
