@@ -7,7 +7,6 @@ must come back bit for bit (``torch.equal``).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -53,7 +52,6 @@ def _shard_report(model: torch.nn.Module) -> tuple[int, int, int]:
 def _export_then_load(kind: str, out_dir: str) -> dict[str, torch.Tensor]:
     """Train 2 SGD steps wrapped, export (several files), then import into a model built on meta."""
     import bmt_comm
-
     import bmtrain as bmt
     from bmtrain import hf
 

@@ -37,10 +37,9 @@ def _known(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
 def _tp_gpt(tmp: str) -> None:
     """tp_size=2: import full tensors (each rank reads its tp slice's shard), export (joined)."""
     import bmt_comm
+    import bmtrain as bmt
     from bmt_zero import DistributedParameter
     from bmt_zero.store.model_keys import state_entries
-
-    import bmtrain as bmt
     from bmtrain import hf
     from bmtrain.examples.gpt import GPT, GPTConfig
 
@@ -94,7 +93,6 @@ def _example_llama(src: str, dst: str, pipeline: bool, ids: torch.Tensor) -> tor
     """The example Llama imports a LlamaForCausalLM directory through its key mapping (rotary row
     order included) and exports it back."""
     import bmt_comm
-
     import bmtrain as bmt
     from bmtrain import hf
     from bmtrain.examples.llama import Llama
@@ -119,7 +117,6 @@ def _example_llama(src: str, dst: str, pipeline: bool, ids: torch.Tensor) -> tor
 
 def _hf_llama_dir(tmp: str) -> tuple[torch.nn.Module, str]:
     import transformers
-
     from bmtrain import hf
 
     torch.manual_seed(12)
@@ -163,7 +160,6 @@ def test_pipeline_import_export(spawn, tmp_path) -> None:  # type: ignore[no-unt
 
 def _bad_imports(dirs: dict[str, str]) -> dict[str, str]:
     from bmt_zero.store import CheckpointError
-
     from bmtrain import hf
 
     out = {}

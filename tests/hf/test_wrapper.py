@@ -33,7 +33,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> N
 
 def _train(kind: str, adam: bool) -> list[tuple[float, float]]:
     import bmt_comm
-
     import bmtrain as bmt
 
     ctx = bmt_comm.get_context()
@@ -91,7 +90,6 @@ def _kwargs_grads_and_recording() -> None:
     the ``position_embeddings`` tuple; ``output_hidden_states``/``output_attentions`` record the
     same tensors as the plain model, and a loss on a recorded hidden state trains alike."""
     import bmt_comm
-
     import bmtrain as bmt
 
     world = bmt_comm.get_context().world_size

@@ -50,7 +50,10 @@ def _plan(model: torch.nn.Module, layout: dict[str, FileTensor], mapping: KeyMap
     groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
     for e in state_entries(model):
         groups.setdefault(id(e.tensor), []).append((e.key, e.tensor))
-    items, problems, missing, taken = [], [], [], set()
+    items: list[_Item] = []
+    problems: list[str] = []
+    missing: list[str] = []
+    taken: set[str] = set()
     for names in groups.values():
         tensor = names[0][1]
         found = [(k, mapping.to_file(k)) for k, _ in names]

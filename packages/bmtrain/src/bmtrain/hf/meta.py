@@ -32,7 +32,7 @@ def parameters_on_meta() -> Iterator[None]:
         original(module, name, param)
 
     with _PATCH_LOCK:
-        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
         try:
             yield
         finally:
@@ -78,13 +78,15 @@ def from_config(
     from ..wrapper import BMTrainModelWrapper  # bmtrain.wrapper imports this package
 
     if isinstance(config_or_cls, type):
-        cls, cfg = config_or_cls, config if config is not None else config_or_cls.config_class()
+        cls: Any = config_or_cls
+        cfg = config if config is not None else cls.config_class()
         build: Any = lambda: cls(cfg, **model_kwargs)  # noqa: E731
     else:
         if config is not None:
             raise TypeError("pass the config once: from_config(config) or from_config(ModelClass, config)")
         cfg = config_or_cls
-        build = lambda: transformers.AutoModelForCausalLM.from_config(cfg, **model_kwargs)  # noqa: E731
+        auto: Any = transformers.AutoModelForCausalLM
+        build = lambda: auto.from_config(cfg, **model_kwargs)  # noqa: E731
     with parameters_on_meta():
         model: torch.nn.Module = build()
     if dtype is not None:

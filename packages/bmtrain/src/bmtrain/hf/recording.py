@@ -9,7 +9,7 @@ recorder that matches those Blocks (the hook then sees the Block's own, differen
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 import torch
 from bmt_ckpt import Block
@@ -43,6 +43,7 @@ def _adapted(flags: dict[str, Any], recorder: type, wrapped: set[type]) -> dict[
         extra = []
         for spec in listed:
             if isinstance(spec, recorder):
+                spec = cast(Any, spec)
                 target, index, initial = spec.target_class, spec.index, spec.capture_initial_hidden_state
                 layer_name, hidden_key = spec.layer_name, spec.num_hidden_layers_key
             elif isinstance(spec, type):

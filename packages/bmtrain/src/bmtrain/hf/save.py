@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import bmt_comm
 import torch
@@ -67,6 +67,13 @@ def _file_tensors(state: Mapping[str, Any], skip: set[str], mapping: KeyMapping,
     return out
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    atomic_write(path, write)
+
+
 def _write(directory: str, tensors: dict[str, torch.Tensor], max_bytes: int, config: Any) -> None:
     final = os.path.abspath(directory)
     parent = os.path.dirname(final)
@@ -81,14 +88,14 @@ def _write(directory: str, tensors: dict[str, torch.Tensor], max_bytes: int, con
             name = shard_name(i, len(files))
             # contiguous copies: safetensors refuses views and tensors that share memory
             data = safetensors_bytes({k: tensors[k].contiguous().clone() for k in keys}, metadata={"format": "pt"})
-            atomic_write(os.path.join(tmp, name), lambda f, data=data: f.write(data))  # type: ignore[misc]
+            _write_bytes(os.path.join(tmp, name), data)
             weight_map.update(dict.fromkeys(keys, name))
         index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
         index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        atomic_write(os.path.join(tmp, INDEX_FILE), lambda f: f.write(index_text.encode()))
+        _write_bytes(os.path.join(tmp, INDEX_FILE), index_text.encode())
         if config is not None:
             text = json.dumps(config, indent=2) + "\n" if isinstance(config, dict) else config.to_json_string()
-            atomic_write(os.path.join(tmp, CONFIG_FILE), lambda f: f.write(text.encode()))
+            _write_bytes(os.path.join(tmp, CONFIG_FILE), text.encode())
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
