@@ -75,6 +75,40 @@ def _tp_gpt(tmp: str) -> None:
         for key, value in known.items():
             assert torch.equal(exported[key], value), f"{key} changed through the tp=2 model"
         assert not os.path.exists(os.path.join(dst, "config.json")), "the example GPT has no transformers config"
+    _failed_export_keeps_old(model, dst)
+
+
+def _failed_export_keeps_old(model: torch.nn.Module, dst: str) -> None:
+    """A write that fails on rank 0 midway raises on every rank; the old directory stays whole
+    and no temporary is left."""
+    import bmt_comm
+    from bmt_zero.store import CheckpointError
+
+    from bmtrain import hf
+    from bmtrain.hf import save as save_module
+
+    before = sorted(os.listdir(dst))
+    real, calls = save_module._write_bytes, []
+
+    def failing(path: str, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("simulated full disk")
+        real(path, data)
+
+    save_module._write_bytes = failing  # type: ignore[assignment]
+    try:
+        hf.save_pretrained(model, dst, max_shard_size="16KB")
+    except CheckpointError as e:
+        assert "simulated full disk" in str(e) and "on rank 0" in str(e), str(e)
+    else:
+        raise AssertionError("the failed export should raise on every rank")
+    finally:
+        save_module._write_bytes = real  # type: ignore[assignment]
+    if bmt_comm.get_context().rank == 0:
+        assert len(calls) == 2
+    assert sorted(os.listdir(dst)) == before
+    assert not [f for f in os.listdir(os.path.dirname(dst)) if ".tmp-" in f], "a temporary was left"
 
 
 @pytest.mark.world_size(2)
@@ -174,6 +208,12 @@ def _bad_imports(dirs: dict[str, str]) -> dict[str, str]:
     model = hf.from_config(build_config(), init=False)
     result = hf.load_pretrained(model, dirs["missing"], strict=False)
     out["non-strict missing"] = repr(result.missing_keys)
+    # init=True: the configs' initializer_range (0.02) for matrices, ones for norms
+    model = hf.from_config(build_config())
+    state = model.state_dict()
+    assert torch.equal(state["model.norm.weight"], torch.ones(32))
+    std = state["model.embed_tokens.weight"].std().item()
+    assert 0.015 < std < 0.025, std
     return out
 
 
