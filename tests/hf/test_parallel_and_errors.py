@@ -83,7 +83,6 @@ def _failed_export_keeps_old(model: torch.nn.Module, dst: str) -> None:
     and no temporary is left."""
     import bmt_comm
     from bmt_zero.store import CheckpointError
-
     from bmtrain import hf
     from bmtrain.hf import save as save_module
 
