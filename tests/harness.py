@@ -43,6 +43,10 @@ def _context() -> Any:
                 "bmt_zero",
                 "bmt_ckpt",
                 "bmt_optim",
+                # tests/hf: seconds per rank otherwise; the forkserver skips them when transformers is absent
+                "transformers.models.llama.modeling_llama",
+                "transformers.models.qwen2.modeling_qwen2",
+                "transformers.models.gpt2.modeling_gpt2",
             ]
         )
     return _CTX

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import torch
-from bmt_ckpt import BMTrainModelWrapper
+from bmt_ckpt import BMTrainModelWrapper as _wrap
+
+from .hf.recording import adapt_output_recording
 
 __all__ = ["BMTrainModelWrapper", "make_distributed", "model_wrapper_dispatch"]
+
+
+def BMTrainModelWrapper(model: torch.nn.Module) -> torch.nn.Module:  # noqa: N802 - the reference's name
+    """Return ``model`` converted in place: parameters become DistributedParameters (each rank
+    keeps its shard), every child of a ``ModuleList`` becomes a ``Block`` (chained, so a loop over
+    the list prefetches the next layer). TransformerBlockLists, DistributedModules and Blocks are
+    returned unchanged. A transformers model keeps ``output_hidden_states``/``output_attentions``
+    (its output recording is re-registered for the wrapped classes)."""
+    out = _wrap(model)
+    adapt_output_recording(out)
+    return out
 
 
 def model_wrapper_dispatch(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,134 @@
+"""``bmtrain.hf``: build on meta, export to and import from Hugging Face's safetensors layout.
+
+2 gloo ranks share a temporary directory. Logits are compared with rtol=1e-5, atol=1e-6 (fp32,
+different summation orders); weights that only travel (a round trip, an import then an export)
+must come back bit for bit (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ._files import read_dir
+from ._models import KINDS, build, config, model_class, token_batch
+
+pytest.importorskip("transformers", reason="transformers is part of the hatch environment; install it to run these")
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
+        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g}")
+
+
+def _shard_report(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(elements this rank holds, elements of the whole model, the largest tensor this rank holds)."""
+    from bmt_zero import DistributedParameter
+
+    held, total, largest, seen = 0, 0, 0, set()
+    for _, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        assert isinstance(p, DistributedParameter), type(p)
+        assert p.device.type != "meta"
+        held += p.numel()
+        total += p._original_shape.numel()
+        largest = max(largest, p.numel())
+    for module in model.modules():  # a Block's flat storage: its shard is all it allocates
+        storage = getattr(module, "_runtime", None)
+        if storage is not None:
+            for buf in module.storage.buffers:  # type: ignore[attr-defined]
+                largest = max(largest, buf.shard.numel())
+    return held, total, largest
+
+
+def _export_then_load(kind: str, out_dir: str) -> dict[str, torch.Tensor]:
+    """Train 2 SGD steps wrapped, export (several files), then import into a model built on meta."""
+    import bmt_comm
+    import bmtrain as bmt
+    from bmtrain import hf
+
+    ctx = bmt_comm.get_context()
+    model = bmt.BMTrainModelWrapper(build(kind, seed=3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = token_batch(2, seed=4)
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+    hf.save_pretrained(model, out_dir, max_shard_size="8KB")
+    files = sorted(os.listdir(out_dir))
+    assert "config.json" in files and "model.safetensors.index.json" in files, files
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2, f"8KB files should cut the model into several: {files}"
+    for name in shards:  # within the limit unless one tensor alone is bigger
+        with open(os.path.join(out_dir, name), "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        sizes = [v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"]
+        assert sum(sizes) <= 8000 or len(sizes) == 1, (name, sizes)
+    assert not [f for f in os.listdir(os.path.dirname(out_dir)) if ".tmp-" in f], "a temporary was left"
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    state = model.state_dict()
+    # round trip: a model built on meta (shards only) imports the export bit for bit
+    fresh = hf.from_config(config(kind), init=False)
+    held, total, largest = _shard_report(fresh)
+    # its share (each tensor's split is rounded up to whole elements), never the whole
+    assert held <= 0.55 * total and largest < total / ctx.world_size, (held, largest, total)
+    result = hf.load_pretrained(fresh, out_dir)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    again = fresh.state_dict()
+    assert again.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(again[key], value), f"{kind}: {key} changed in the round trip"
+    with torch.no_grad():
+        _close(fresh(input_ids=ids, use_cache=False).logits, logits, f"{kind}: logits after the round trip")
+    return {"logits": logits, "ids": ids}
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_loads_in_transformers(spawn, tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    out_dir = str(tmp_path / "export")
+    first, second = spawn(_export_then_load, kind, out_dir)
+    _close(first["logits"], second["logits"], "the ranks' logits")
+    loaded = model_class(kind).from_pretrained(out_dir)
+    with torch.no_grad():
+        logits = loaded(input_ids=first["ids"], use_cache=False).logits
+    _close(logits, first["logits"], f"{kind}: transformers' from_pretrained logits vs the trained model's")
+    if kind == "gpt2":
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+        assert "lm_head.weight" not in read_dir(out_dir), "a tied tensor is written once"
+
+
+def _import_saved(directory: str, ids: torch.Tensor) -> torch.Tensor:
+    from bmtrain import hf
+
+    model = hf.from_pretrained(directory)
+    held, total, largest = _shard_report(model)
+    assert held < total and largest < total / 2, (held, total, largest)
+    with torch.no_grad():
+        out: torch.Tensor = model(input_ids=ids, use_cache=False).logits
+    return out
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_pretrained_directory_imports(spawn, tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    plain = build(kind, seed=5)
+    for p in plain.parameters():  # away from the init values: a skipped tensor would show
+        p.data.add_(torch.randn_like(p) * 0.05)
+    directory = str(tmp_path / "hf")
+    plain.save_pretrained(directory, max_shard_size="20KB")
+    ids = token_batch(3, seed=6)
+    with torch.no_grad():
+        want = plain(input_ids=ids, use_cache=False).logits
+    for got in spawn(_import_saved, directory, ids):
+        _close(got, want, f"{kind}: logits of the imported model")
