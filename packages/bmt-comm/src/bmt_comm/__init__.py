@@ -4,7 +4,7 @@ CUDA streams and differentiable collectives for BMTrain."""
 from .collectives import all_gather, all_reduce, broadcast, recv_activations, reduce_scatter, send_activations
 from .communicator import Backend, Communicator, ReduceOp
 from .config import ConfigView, config
-from .context import Communicators, DistContext, get_context, is_initialized
+from .context import Communicators, DistContext, ProcessState, get_context, is_initialized, process_state
 from .init import destroy, init_distributed
 from .objects import allgather_objects, broadcast_object
 from .shard import Shard, check_shard, mark_shard
@@ -49,6 +49,8 @@ __all__ = [
     "destroy",
     "gather_result",
     "get_context",
+    "process_state",
+    "ProcessState",
     "init_distributed",
     "is_initialized",
     "mark_shard",

@@ -128,6 +128,20 @@ class ProcessState:
     watchdog: Watchdog | None = None  # started on the first watched NCCL collective
     watchdog_lock: threading.Lock = field(default_factory=threading.Lock)  # guards ``watchdog``
     nccl_groups: NcclGroupState = field(default_factory=NcclGroupState)
+    # other packages' process-lifetime state, by its class (see ``slot``): caches and warn-once
+    # records that outlive any one init; bmt-comm never reads it
+    slots: dict[type, object] = field(default_factory=dict, repr=False)
+    slots_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # first use races
+
+    def slot(self, kind: type[_T]) -> _T:
+        """The process's one ``kind()``, made on first use (e.g. bmt-zero's background saver)."""
+        with self.slots_lock:
+            obj = self.slots.get(kind)
+            if obj is None:
+                obj = self.slots[kind] = kind()
+        if not isinstance(obj, kind):
+            raise TypeError(f"process slot {kind.__qualname__} holds a {type(obj).__qualname__}")
+        return obj
 
     def next_generation(self) -> int:
         """A number no earlier init of this process used (every rank counts alike)."""

@@ -8,11 +8,12 @@ kernels' arithmetic; otherwise CPU work goes to torch.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 from enum import Enum
 
+import bmt_comm
 import torch
 
 __all__ = ["Backend", "backend_for", "on_device", "triton_available", "triton_interpreting"]
@@ -23,9 +24,22 @@ class Backend(str, Enum):
     TORCH = "torch"  # plain torch ops
 
 
-@functools.cache
+@dataclass
+class _Probe:
+    """Whether Triton imports, found once per process (a ``process_state`` slot)."""
+
+    available: bool | None = None
+
+
 def triton_available() -> bool:
     """Triton imports (a broken install counts as absent: the torch fallback still works)."""
+    probe = bmt_comm.process_state().slot(_Probe)
+    if probe.available is None:
+        probe.available = _probe_triton()
+    return probe.available
+
+
+def _probe_triton() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 from enum import Enum
 from types import ModuleType
 
+import bmt_comm
 import torch
 
 from .kernels_adam import AdamScalars, adam_update_torch
@@ -51,7 +53,13 @@ class _Dtype(int, Enum):
 
 _CODES = {torch.float32: int(_Dtype.F32), torch.float16: int(_Dtype.F16), torch.bfloat16: int(_Dtype.BF16)}
 _FLOATS = tuple(_CODES)
-_warned = False  # the fallback warning is issued once per process
+
+
+@dataclass
+class _FallbackWarning:
+    """Whether the torch-fallback warning was issued (a ``process_state`` slot: once per process)."""
+
+    issued: bool = False
 
 
 def native_available() -> bool:
@@ -70,9 +78,9 @@ def native_module() -> ModuleType | None:
 
 def warn_if_fallback() -> None:
     """Warn (once per process) that the torch fallback will do the CPU Adam work."""
-    global _warned
-    if _native is None and not _warned:
-        _warned = True
+    record = bmt_comm.process_state().slot(_FallbackWarning)
+    if _native is None and not record.issued:
+        record.issued = True
         warnings.warn(
             "bmt_optim's C++ CPU Adam is not available (" + str(_native_error) + "); using a slower "
             "torch implementation. Reinstall bmt-optim with a C++ compiler present to build it.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 
+import bmt_comm
 import torch
 
 from ._triton_support import Backend, backend_for
@@ -61,16 +62,22 @@ def check_inf_nan_(tensor: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
 
 
 _TableKey = tuple[torch.device, torch.dtype, tuple[tuple[int, int], ...]]
-_TABLES: OrderedDict[_TableKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+class _Tables(OrderedDict[_TableKey, tuple[torch.Tensor, torch.Tensor]]):
+    """Chunk tables by layout, least recently used first (a ``process_state`` slot)."""
+
+
 _MAX_TABLES = 16  # chunk tables kept: gradients keep their addresses from step to step
 
 
 def _chunk_table(key: _TableKey, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(starts, lens) of every ``chunk``-element piece of the tensors in ``key``, as element
     offsets from the first tensor; built once per layout, then reused with no host work."""
-    table = _TABLES.get(key)
+    tables = bmt_comm.process_state().slot(_Tables)
+    table = tables.get(key)
     if table is not None:
-        _TABLES.move_to_end(key)
+        tables.move_to_end(key)
         return table
     device, dtype, layout = key
     size = torch.empty((), dtype=dtype).element_size()
@@ -81,9 +88,9 @@ def _chunk_table(key: _TableKey, chunk: int) -> tuple[torch.Tensor, torch.Tensor
         starts.append(local + (ptr - base) // size)
         lens.append((n - local).clamp_(max=chunk))
     table = (torch.cat(starts).to(device), torch.cat(lens).to(device))
-    _TABLES[key] = table
-    if len(_TABLES) > _MAX_TABLES:
-        _TABLES.popitem(last=False)
+    tables[key] = table
+    if len(tables) > _MAX_TABLES:
+        tables.popitem(last=False)
     return table
 
 

@@ -11,7 +11,10 @@ from .parameter import DistributedParameter
 
 __all__ = ["make_distributed", "convert_module", "distributed_class"]
 
-_CLASSES: dict[type[torch.nn.Module], type[torch.nn.Module]] = {}
+
+
+class _Classes(dict[type[torch.nn.Module], type[torch.nn.Module]]):
+    """``Distributed<Name>`` by user class, one per process (a ``process_state`` slot)."""
 
 
 def distributed_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
@@ -24,10 +27,11 @@ def distributed_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
         return cls
     if cls is torch.nn.Module:  # a bare container: (Module, DistributedModule) has no consistent MRO
         return DistributedModule
-    made = _CLASSES.get(cls)
+    classes = bmt_comm.process_state().slot(_Classes)
+    made = classes.get(cls)
     if made is None:
         made = type("Distributed" + cls.__name__, (cls, DistributedModule), {"__module__": cls.__module__})
-        _CLASSES[cls] = made
+        classes[cls] = made
     return made
 
 

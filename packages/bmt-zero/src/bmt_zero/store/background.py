@@ -8,43 +8,53 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import bmt_comm
 
 __all__ = ["EXIT_CODE", "submit", "wait"]
 
 EXIT_CODE = 1  # a process whose last background save failed ends with this, as an uncaught error does
 
-_lock = threading.Lock()
-_thread: threading.Thread | None = None
-_error: BaseException | None = None
+@dataclass
+class _Saver:
+    """The pending write and the error of the last finished one (a ``process_state`` slot)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards ``thread``
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
+def _saver() -> _Saver:
+    return bmt_comm.process_state().slot(_Saver)
 
 
 def _run(job: Callable[[], None]) -> None:
-    global _error
     try:
         job()
     except BaseException as ex:  # kept for the next wait(): a thread can't raise into the caller
-        _error = ex
+        _saver().error = ex
 
 
 def wait() -> BaseException | None:
     """Join the pending write, if any; return (and forget) the error it raised."""
-    global _thread, _error
-    with _lock:
-        thread, _thread = _thread, None
+    saver = _saver()
+    with saver.lock:
+        thread, saver.thread = saver.thread, None
     if thread is not None:
         thread.join()
-    error, _error = _error, None
+    error, saver.error = saver.error, None
     return error
 
 
 def submit(job: Callable[[], None]) -> None:
     """Run ``job`` in a new thread; the caller has waited for the previous one."""
-    global _thread
+    saver = _saver()
     thread = threading.Thread(target=_run, args=(job,), name="bmt-zero-save", daemon=False)
-    with _lock:
-        if _thread is not None:
+    with saver.lock:
+        if saver.thread is not None:
             raise RuntimeError("a background save is still pending; wait() for it first")
-        _thread = thread
+        saver.thread = thread
     thread.start()
 
 

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import bmt_comm
+
 from .atomic import atomic_write
 from .checksum import ALGORITHM, crc_of_file, sealed, unseal
 from .errors import CheckpointError
@@ -35,13 +37,15 @@ MANIFEST_FORMAT = "bmt-zero-file-manifest"
 MANIFEST_SUFFIX = ".manifest.json"
 SHARD_FORMAT = "bmt-zero-shard"  # a rank file's __metadata__ "bmt_zero.format"
 
-_warned: set[str] = set()
+class _Unverified(set[str]):
+    """The kinds of unverified file already warned about (a ``process_state`` slot)."""
 
 
 def warn_unverified(kind: str, what: str) -> None:
     """One warning per process and ``kind`` of file: old checkpoints load, without checks."""
-    if kind not in _warned:
-        _warned.add(kind)
+    warned = bmt_comm.process_state().slot(_Unverified)
+    if kind not in warned:
+        warned.add(kind)
         warnings.warn(f"{what}: loading without verification (written before checkpoints carried checksums; "
                       "warned once)", stacklevel=3)
 

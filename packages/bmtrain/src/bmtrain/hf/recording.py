@@ -11,12 +11,14 @@ from __future__ import annotations
 import sys
 from typing import Any, cast
 
+import bmt_comm
 import torch
 from bmt_ckpt import Block
 
 __all__ = ["adapt_output_recording"]
 
-_BLOCK_CLASSES: dict[type, type] = {}
+class _BlockClasses(dict[type, type]):
+    """``BlockOf<Layer>`` by layer class, one per process (a ``bmt_comm.process_state`` slot)."""
 
 
 class _BlockOfMeta(type):
@@ -29,10 +31,11 @@ class _BlockOfMeta(type):
 
 
 def _block_of(inner: type) -> type:
-    made = _BLOCK_CLASSES.get(inner)
+    classes = bmt_comm.process_state().slot(_BlockClasses)
+    made = classes.get(inner)
     if made is None:
         made = _BlockOfMeta(f"BlockOf{inner.__name__}", (), {"inner": inner})
-        _BLOCK_CLASSES[inner] = made
+        classes[inner] = made
     return made
 
 

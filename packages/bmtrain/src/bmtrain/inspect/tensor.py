@@ -171,7 +171,16 @@ class InspectTensor:
         return matches[i].grad
 
 
-_ACTIVE: InspectTensor | None = None  # process-wide, not thread-local: backward runs on other threads
+@dataclass
+class _Active:
+    """The open ``inspect_tensor()`` context (a ``bmt_comm.process_state`` slot): process-wide,
+    not thread-local, as backward runs on other threads."""
+
+    inspector: InspectTensor | None = None
+
+
+def _active() -> _Active:
+    return bmt_comm.process_state().slot(_Active)
 
 
 class InspectTensorManager:
@@ -182,17 +191,17 @@ class InspectTensorManager:
         self._inspector: InspectTensor | None = None
 
     def __enter__(self) -> InspectTensor:
-        global _ACTIVE
-        if _ACTIVE is not None:
+        active = _active()
+        if active.inspector is not None:
             raise RuntimeError("inspect_tensor() contexts cannot be nested: one is already active")
         self._inspector = InspectTensor()
-        _ACTIVE = self._inspector
+        active.inspector = self._inspector
         return self._inspector
 
     def __exit__(self, *exc: object) -> None:
-        global _ACTIVE
-        if _ACTIVE is self._inspector:
-            _ACTIVE = None
+        active = _active()
+        if active.inspector is self._inspector:
+            active.inspector = None
         self._inspector = None
 
 
@@ -209,6 +218,6 @@ def record_tensor(x: torch.Tensor, name: str, group: str | None = None) -> None:
         )
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"record_tensor expects a tensor for {name!r}, got {type(x).__name__}")
-    inspector = _ACTIVE
+    inspector = _active().inspector
     if inspector is not None:
         inspector._record(x, name, group)
