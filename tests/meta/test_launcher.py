@@ -276,3 +276,30 @@ def test_metrics_hold_every_step(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = imread(png)
     assert image.shape[0] >= 200 and image.shape[1] >= 400 and image.std() > 0  # drawn, not blank
+
+
+def test_missing_plot_packages_are_named(
+    no_training: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit --metrics-dir without TensorBoard/matplotlib is an error saying what to install;
+    the default metrics directory then gets metrics.jsonl only, with a note in the log."""
+    from bmtrain.examples import checks, run_metrics
+    from bmtrain.examples.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checks, "missing_plot_packages", lambda: ["tensorboard", "matplotlib"])
+    code, err = _main_exit(["--nproc", "2", "--metrics-dir", "m"], capsys)
+    assert code == 2 and "needs tensorboard and matplotlib" in err and "bmtrain[train]" in err, err
+    with pytest.raises(_WorkersStarted):
+        main(["--nproc", "2"])
+
+    monkeypatch.setattr(run_metrics, "missing_plot_packages", lambda: ["tensorboard", "matplotlib"])
+    writer = run_metrics.MetricsWriter(str(tmp_path / "w"), overwrite=False)
+    note = writer.note()
+    assert note is not None and "writing metrics.jsonl only" in note
+    rec = run_metrics.StepRecord(1, 2.5, 1e-3, 1.0, math.inf, True, 100.0, None, None, 0.1, 0.5)
+    writer.write(rec)
+    assert writer.close() == [str(tmp_path / "w" / "metrics.jsonl")]
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["metrics.jsonl"]
+    line = json.loads((tmp_path / "w" / "metrics.jsonl").read_text())
+    assert line["grad_norm"] is None and line["skipped"] is True  # inf is not JSON: null
