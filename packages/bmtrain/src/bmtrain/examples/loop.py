@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import bmtrain as bmt
 
 from .data import CharCorpus
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
-from .metrics import count_parameters, model_flops_utilization, peak_bf16_flops, peak_memory_gib
+from .metrics import count_model_parameters, model_flops_utilization, peak_bf16_flops, peak_memory_gib
 from .options import Precision, TrainOptions
+from .run_metrics import MetricsWriter, Progress, StepRecord, peak_rss_gib
 
 __all__ = ["RunResult", "run", "build_model"]
 
@@ -30,6 +29,7 @@ class RunResult:
     tokens_per_s: float
     n_params: int
     checkpoint: str | None
+    metrics: tuple[str, ...] = ()  # the files (and TensorBoard directory) of the run's metrics
 
 
 def build_model(opts: TrainOptions, vocab_size: int, dtype: torch.dtype) -> torch.nn.Module:
@@ -55,7 +55,8 @@ def _device() -> torch.device:
 def run(opts: TrainOptions) -> RunResult:
     """Initialise, train ``opts.steps`` steps, save; every rank calls it (collective)."""
     bmt.init_distributed(
-        init_method=opts.init_method, seed=opts.seed, pipe_size=opts.pipe if opts.pipe > 1 else -1, tp_size=opts.tp
+        init_method=opts.init_method, seed=opts.seed, pipe_size=opts.pipe if opts.pipe > 1 else -1, tp_size=opts.tp,
+        num_micro_batches=opts.micro_batches,
     )
     try:
         return _train(opts)
@@ -73,7 +74,7 @@ def _train(opts: TrainOptions) -> RunResult:
     corpus = CharCorpus.packaged()
     model = build_model(opts, corpus.vocab_size, dtype)
     bmt.init_parameters(model)  # same seed on every rank: identical values, each rank keeps its shard
-    n_params = count_parameters(model)
+    n_params = count_model_parameters(model, device)  # every pipeline stage's layers
 
     vocab_parallel = bool(getattr(model, "vocab_parallel", False))
     loss_fn = bmt.loss.FusedCrossEntropy(ignore_index=-100, parallel=vocab_parallel)
@@ -98,27 +99,30 @@ def _train(opts: TrainOptions) -> RunResult:
     tokens_per_step = opts.batch * opts.seq * world // opts.tp
 
     bmt.print_rank(
-        f"{opts.model}: {n_params / 1e6:.2f}M parameters, {opts.layers} layers, hidden {opts.hidden}, "
+        f"{opts.model}: {n_params / 1e6:.2f}M parameters ({n_params:,}), {opts.layers} layers, hidden {opts.hidden}, "
         f"{dtype}, {world} processes (pipeline {opts.pipe} x tensor parallel {opts.tp}) on {device.type}, "
         f"{opts.batch} x {opts.seq} tokens per step and data-parallel rank, {opts.steps} steps"
         + (", optimizer offloaded to the CPU" if opts.offload else "")
     )
-    bar = tqdm(total=opts.steps, disable=rank != 0, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    writer = MetricsWriter(opts.metrics_path, opts.overwrite) if rank == 0 and opts.metrics_path else None
+    if writer is not None and writer.note():
+        print(writer.note(), flush=True)
+    progress = Progress(opts.steps, opts.log_every, enabled=rank == 0)
     first_loss = math.nan
     loss_value = math.nan
     start = time.perf_counter()
     step_start = start
-    tok_s = 0.0
     for step in range(opts.steps):
         x, y = corpus.batch(opts.batch, opts.seq, gen)  # (B, T) each
         x = x.chunk(opts.tp)[tp_rank].to(device)  # (B/tp, T): this rank's sequences
         y = y.to(device)  # (B, T): a vocab-parallel loss needs the whole group's targets
 
         optim_manager.zero_grad()
+        lr, loss_scale, skipped = optimizer.param_groups[0]["lr"], optim_manager.loss_scale, optim_manager.skipped_steps
         logits = model(x)  # (B, T, vocab), or (B, T, vocab/tp) over this rank's vocabulary slice
         loss = loss_fn(logits.reshape(-1, logits.shape[-1]), y.view(-1))
         optim_manager.backward(loss)
-        optim_manager.clip_grad_norm(optimizer.param_groups, max_norm=1.0)
+        grad_norm = optim_manager.clip_grad_norm(optimizer.param_groups, max_norm=1.0)
         optim_manager.step()
 
         loss_value = bmt.sum_loss(loss).item()  # the mean over ranks
@@ -127,9 +131,17 @@ def _train(opts: TrainOptions) -> RunResult:
         now = time.perf_counter()
         tok_s = tokens_per_step / (now - step_start)
         step_start = now
-        bar.set_postfix_str(_postfix(loss_value, tok_s, lr_scheduler.current_lr, n_params, world, peak, device))
-        bar.update(1)
-    bar.close()
+        if rank == 0:
+            rec = StepRecord(
+                step=step + 1, loss=loss_value, lr=float(lr), loss_scale=float(loss_scale),
+                grad_norm=float(grad_norm.item()), skipped=optim_manager.skipped_steps > skipped,
+                tokens_per_s=tok_s, mfu=model_flops_utilization(n_params, tok_s, world, peak),
+                memory_gib=peak_memory_gib(device), rss_gib=peak_rss_gib(), elapsed_s=now - start,
+            )
+            progress.update(rec)
+            if writer is not None:
+                writer.write(rec)
+    progress.close()
     elapsed = time.perf_counter() - start
 
     checkpoint = None
@@ -138,6 +150,7 @@ def _train(opts: TrainOptions) -> RunResult:
             os.makedirs(os.path.dirname(os.path.abspath(opts.save_path)), exist_ok=True)
         bmt.save(model, opts.save_path)
         checkpoint = opts.save_path
+    metrics = tuple(writer.close()) if writer is not None else ()
     mean_tok_s = tokens_per_step * opts.steps / elapsed
     bmt.print_rank(f"first loss: {first_loss:.4f}")
     bmt.print_rank(f"final loss: {loss_value:.4f}")
@@ -145,16 +158,6 @@ def _train(opts: TrainOptions) -> RunResult:
         f"{opts.steps} steps in {elapsed:.1f} s, {mean_tok_s:,.0f} tokens/s"
         + (f", checkpoint saved to {checkpoint}" if checkpoint else "")
     )
-    return RunResult(first_loss, loss_value, opts.steps, mean_tok_s, n_params, checkpoint)
-
-
-def _postfix(loss: float, tok_s: float, lr: float, n_params: int, world: int, peak: float | None,
-             device: torch.device) -> str:
-    parts = [f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tok_s:,.0f} tok/s"]
-    if device.type == "cuda":
-        mfu = model_flops_utilization(n_params, tok_s, world, peak)
-        parts.append(f"MFU {mfu:.1%}" if mfu is not None else "MFU unknown")
-        mem = peak_memory_gib(device)
-        if mem is not None:
-            parts.append(f"mem {mem:.2f} GiB")
-    return ", ".join(parts)
+    if metrics:
+        bmt.print_rank("metrics: " + ", ".join(metrics))
+    return RunResult(first_loss, loss_value, opts.steps, mean_tok_s, n_params, checkpoint, metrics)

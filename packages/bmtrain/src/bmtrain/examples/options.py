@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-__all__ = ["Precision", "TrainOptions", "parse_options", "DEFAULTS_CPU", "DEFAULTS_GPU"]
+__all__ = ["Precision", "TrainOptions", "OptionError", "parse_options", "DEFAULTS_CPU", "DEFAULTS_GPU"]
+
+
+class OptionError(ValueError):
+    """A bad option or combination of options; the entry point prints it on one line and exits 2."""
 
 
 class Precision(str, Enum):
@@ -45,26 +50,30 @@ class TrainOptions:
     save: str = "checkpoints/{model}.pt"  # "" skips saving
     nproc: int | None = None  # processes when launching itself (None: every GPU, else 2 on CPU)
     seed: int = 1234
+    micro_batches: int | None = None  # pipeline micro-batches (None: one per stage)
+    overwrite: bool = False  # replace an existing checkpoint (and the metrics beside it)
+    metrics_dir: str | None = None  # None: beside the checkpoint (see metrics_path); "" writes none
+    log_every: int = 10  # steps between plain progress lines when stdout is not a terminal
     init_method: str = "env://"  # the launcher sets a file:// rendezvous for the workers it starts
 
     def __post_init__(self) -> None:
         if self.model not in ("gpt", "llama"):
-            raise ValueError(f"model must be gpt or llama, got {self.model!r}")
-        for name in ("layers", "hidden", "heads", "batch", "seq", "steps", "nproc"):
+            raise OptionError(f"model must be gpt or llama, got {self.model!r}")
+        for name in ("layers", "hidden", "heads", "batch", "seq", "steps", "nproc", "micro_batches", "log_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1, got {value}")
+                raise OptionError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.tp < 1 or self.pipe < 1:
-            raise ValueError(f"--tp ({self.tp}) and --pipe ({self.pipe}) must be >= 1")
+            raise OptionError(f"--tp ({self.tp}) and --pipe ({self.pipe}) must be >= 1")
         if self.tp > 1 and self.model != "gpt":
-            raise ValueError(
+            raise OptionError(
                 f"--tp {self.tp}: the {self.model} example is written without tensor-parallel layers; "
                 "the gpt example uses bmt.nn's (use --model gpt, or --pipe)"
             )
         if self.tp > 1 and self.batch is not None and self.batch % self.tp != 0:
-            raise ValueError(f"--batch ({self.batch}) must be divisible by --tp ({self.tp})")
+            raise OptionError(f"--batch ({self.batch}) must be divisible by --tp ({self.tp})")
         if self.lr <= 0 or self.warmup < 0:
-            raise ValueError(f"--lr ({self.lr}) must be > 0 and --warmup ({self.warmup}) >= 0")
+            raise OptionError(f"--lr ({self.lr}) must be > 0 and --warmup ({self.warmup}) >= 0")
 
     def resolved(self, device: torch.device) -> TrainOptions:
         """Unset sizes filled with the defaults for ``device`` (small on CPU)."""
@@ -76,14 +85,40 @@ class TrainOptions:
     def save_path(self) -> str:
         return self.save.format(model=self.model)
 
+    @property
+    def metrics_path(self) -> str:
+        """Where the run's metrics go: ``--metrics-dir``, else beside the checkpoint, named after it
+        (``checkpoints/gpt.pt`` -> ``checkpoints/gpt-metrics``; ``{model}-metrics`` without one)."""
+        if self.metrics_dir is not None:
+            return self.metrics_dir.format(model=self.model)
+        if not self.save_path:
+            return f"{self.model}-metrics"
+        return f"{os.path.splitext(self.save_path)[0]}-metrics"
+
 
 DEFAULTS_CPU = {"layers": 2, "hidden": 128, "heads": 4, "batch": 16, "seq": 64, "steps": 150}
 DEFAULTS_GPU = {"layers": 8, "hidden": 512, "heads": 8, "batch": 32, "seq": 256, "steps": 300}
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default, except the unset ones (their help says what they become)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr and exit status 2, as argparse does, without the usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_options(argv: Sequence[str] | None = None) -> TrainOptions:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bmtrain-train",
+        formatter_class=_DefaultsShown,
         description=(
             "Train the example GPT or Llama on a small character-level corpus with BMTrain "
             "(ZeRO-3 blocks, activation checkpointing). Without torchrun it launches itself on "
@@ -99,24 +134,34 @@ def parse_options(argv: Sequence[str] | None = None) -> TrainOptions:
     p.add_argument("--steps", type=int, help=f"optimizer steps (CPU {DEFAULTS_CPU['steps']}, GPU {DEFAULTS_GPU['steps']})")
     p.add_argument("--lr", type=float, default=TrainOptions.lr, help="peak learning rate (cosine decay)")
     p.add_argument("--warmup", type=int, default=TrainOptions.warmup, help="warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=TrainOptions.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=TrainOptions.weight_decay, help="Adam weight decay")
     p.add_argument("--precision", choices=[x.value for x in Precision], default="auto",
-                   help="parameter dtype: auto = bf16 on GPUs, fp32 on CPU; fp16 adds loss scaling")
+                   help="parameter dtype: auto = bf16 on GPUs, fp32 on CPU; fp16 (GPUs only) adds loss scaling")
     p.add_argument("--offload", action="store_true", help="AdamOffloadOptimizer (optimizer on the CPU)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep activations instead of recomputing them in backward")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (gpt only; --batch is split over it)")
     p.add_argument("--pipe", type=int, default=1, help="pipeline stages (PipelineTransformerBlockList)")
+    p.add_argument("--micro-batches", type=int,
+                   help="pipeline micro-batches per step (default: one per stage)")
     p.add_argument("--save", default=TrainOptions.save, help="checkpoint path ({model} is replaced); '' skips saving")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint and metrics (without it, an existing one is an error)")
+    p.add_argument("--metrics-dir",
+                   help="per-step metrics (metrics.jsonl, TensorBoard events, curves.png); default: beside "
+                        "the checkpoint, e.g. checkpoints/gpt-metrics; '' writes none")
+    p.add_argument("--log-every", type=int, default=TrainOptions.log_every,
+                   help="steps between progress lines when stdout is not a terminal (a terminal gets a bar)")
     p.add_argument("--nproc", type=int, help="processes when not under torchrun (default: all GPUs, else 2 on CPU)")
-    p.add_argument("--seed", type=int, default=TrainOptions.seed)
+    p.add_argument("--seed", type=int, default=TrainOptions.seed, help="seed of the parameters and the data")
     a = p.parse_args(argv)
     try:
         return TrainOptions(
             model=a.model, layers=a.layers, hidden=a.hidden, heads=a.heads, batch=a.batch, seq=a.seq,
             steps=a.steps, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
             precision=Precision(a.precision), offload=a.offload, checkpointing=a.checkpointing,
-            tp=a.tp, pipe=a.pipe, save=a.save, nproc=a.nproc, seed=a.seed,
+            tp=a.tp, pipe=a.pipe, micro_batches=a.micro_batches, save=a.save, overwrite=a.overwrite,
+            metrics_dir=a.metrics_dir, log_every=a.log_every, nproc=a.nproc, seed=a.seed,
         )
-    except ValueError as e:
+    except OptionError as e:
         p.error(str(e))
