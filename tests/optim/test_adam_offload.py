@@ -152,7 +152,9 @@ def test_errors() -> None:
 def test_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_adam_mod, "_native", None)
     monkeypatch.setattr(cpu_adam_mod, "_native_error", "simulated: not built")
-    monkeypatch.setattr(cpu_adam_mod, "_warned", False)
+    import bmt_comm
+
+    monkeypatch.setattr(bmt_comm.process_state().slot(cpu_adam_mod._FallbackWarning), "issued", False)
     params = make_params([(10,)], torch.bfloat16)
     start = [p.detach().clone() for p in params]
     with warnings.catch_warnings(record=True) as seen:
