@@ -41,3 +41,13 @@ def build(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
 
 def token_batch(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+RTOL, ATOL = 1e-5, 1e-6  # fp32 on the CPU: the same math in another order (sharded reductions)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> None:
+    """``torch.allclose`` to ``RTOL``/``atol``, with the worst difference in the message."""
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    if not torch.allclose(a, b, rtol=RTOL, atol=atol):
+        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g}")

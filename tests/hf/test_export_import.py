@@ -14,17 +14,10 @@ import pytest
 import torch
 
 from ._files import read_dir
-from ._models import KINDS, build, config, model_class, token_batch
+from ._models import KINDS, build, close, config, model_class, token_batch
 
 pytest.importorskip("transformers", reason="transformers is part of the hatch environment; install it to run these")
 
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
-        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g}")
 
 
 def _shard_report(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -89,7 +82,7 @@ def _export_then_load(kind: str, out_dir: str) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         assert torch.equal(again[key], value), f"{kind}: {key} changed in the round trip"
     with torch.no_grad():
-        _close(fresh(input_ids=ids, use_cache=False).logits, logits, f"{kind}: logits after the round trip")
+        close(fresh(input_ids=ids, use_cache=False).logits, logits, f"{kind}: logits after the round trip")
     return {"logits": logits, "ids": ids}
 
 
@@ -98,11 +91,11 @@ def _export_then_load(kind: str, out_dir: str) -> dict[str, torch.Tensor]:
 def test_export_loads_in_transformers(spawn, tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
     out_dir = str(tmp_path / "export")
     first, second = spawn(_export_then_load, kind, out_dir)
-    _close(first["logits"], second["logits"], "the ranks' logits")
+    close(first["logits"], second["logits"], "the ranks' logits")
     loaded = model_class(kind).from_pretrained(out_dir)
     with torch.no_grad():
         logits = loaded(input_ids=first["ids"], use_cache=False).logits
-    _close(logits, first["logits"], f"{kind}: transformers' from_pretrained logits vs the trained model's")
+    close(logits, first["logits"], f"{kind}: transformers' from_pretrained logits vs the trained model's")
     if kind == "gpt2":
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
         assert "lm_head.weight" not in read_dir(out_dir), "a tied tensor is written once"
@@ -131,4 +124,4 @@ def test_save_pretrained_directory_imports(spawn, tmp_path, kind: str) -> None: 
     with torch.no_grad():
         want = plain(input_ids=ids, use_cache=False).logits
     for got in spawn(_import_saved, directory, ids):
-        _close(got, want, f"{kind}: logits of the imported model")
+        close(got, want, f"{kind}: logits of the imported model")

@@ -10,17 +10,10 @@ import pytest
 import torch
 
 from ._files import read_dir, write_dir
-from ._models import VOCAB, build, token_batch
+from ._models import VOCAB, build, close, token_batch
 
 pytest.importorskip("transformers", reason="transformers is part of the hatch environment; install it to run these")
 
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
-        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g}")
 
 
 def _barrier() -> None:
@@ -171,10 +164,10 @@ def test_example_llama_mapping_matches_transformers(spawn, tmp_path) -> None:  #
         want = plain(input_ids=ids, use_cache=False).logits
     dst = str(tmp_path / "export")
     for got in spawn(_example_llama, src, dst, False, ids):
-        _close(got, want, "the example Llama's logits vs LlamaForCausalLM's on the same weights")
+        close(got, want, "the example Llama's logits vs LlamaForCausalLM's on the same weights")
     with torch.no_grad():
         again = transformers.LlamaForCausalLM.from_pretrained(dst)(input_ids=ids, use_cache=False).logits
-    _close(again, want, "from_pretrained of the example Llama's export")
+    close(again, want, "from_pretrained of the example Llama's export")
 
 
 @pytest.mark.world_size(2)
@@ -188,7 +181,7 @@ def test_pipeline_import_export(spawn, tmp_path) -> None:  # type: ignore[no-unt
     with torch.no_grad():
         got = transformers.LlamaForCausalLM.from_pretrained(dst)(input_ids=ids, use_cache=False).logits
         want = plain(input_ids=ids, use_cache=False).logits
-    _close(got, want, "from_pretrained of the pipeline model's export")
+    close(got, want, "from_pretrained of the pipeline model's export")
 
 
 def _bad_imports(dirs: dict[str, str]) -> dict[str, str]:

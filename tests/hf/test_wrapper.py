@@ -13,22 +13,16 @@ import copy
 import pytest
 import torch
 
-from ._models import KINDS, build, token_batch
+from ._models import ATOL, KINDS, RTOL, build, close, token_batch
 
 pytest.importorskip("transformers", reason="transformers is part of the hatch environment; install it to run these")
 
-RTOL, ATOL = 1e-5, 1e-6
 SGD_PARAM_ATOL = 1e-5  # parameters move by ~0.2 in 10 steps: fp32 summation order shows at ~1e-6
 # Adam divides by sqrt(v): a gradient that is rounding noise (an embedding row used once) moves
 # its parameter by ~lr whatever its sign, so summation order shows up as up to ~1e-4 after 10 steps
 ADAM_PARAM_ATOL = 5e-4
 STEPS = 10
 
-
-def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    if not torch.allclose(a, b, rtol=RTOL, atol=atol):
-        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g}")
 
 
 def _train(kind: str, adam: bool) -> list[tuple[float, float]]:
@@ -72,7 +66,7 @@ def _train(kind: str, adam: bool) -> list[tuple[float, float]]:
     state, ref_state = model.state_dict(), ref.state_dict()
     assert state.keys() == ref_state.keys(), sorted(set(state) ^ set(ref_state))
     for key, value in ref_state.items():
-        _close(state[key], value, f"{kind}: {key} after {STEPS} steps", param_atol)
+        close(state[key], value, f"{kind}: {key} after {STEPS} steps", param_atol)
     return losses
 
 
@@ -111,20 +105,20 @@ def _kwargs_grads_and_recording() -> None:
         (out.square().sum() / (world if layer is model.model.layers[0] else 1)).backward()
         outs.append(out.detach())
         grads.append((h.grad, c.grad, s.grad))
-    _close(outs[0], outs[1], "decoder layer output")
+    close(outs[0], outs[1], "decoder layer output")
     for got, want, what in zip(grads[0], grads[1], ("hidden_states", "cos", "sin"), strict=True):
         assert got is not None and want is not None, f"no gradient reached {what}"
         # each rank's grad is its share of the loss: the sum over ranks is the plain one
-        _close(bmt.sum_loss(got) * world, want, f"gradient of {what} through the Block")
+        close(bmt.sum_loss(got) * world, want, f"gradient of {what} through the Block")
     # recorded outputs, and a loss on one of them
     got = model(input_ids=ids, output_hidden_states=True, output_attentions=True, use_cache=False)
     want = ref(input_ids=ids, output_hidden_states=True, output_attentions=True, use_cache=False)
     assert len(got.hidden_states) == len(want.hidden_states) == 3, (len(got.hidden_states), len(want.hidden_states))
     assert len(got.attentions) == len(want.attentions) == 2
     for i, (a, b) in enumerate(zip(got.hidden_states, want.hidden_states, strict=True)):
-        _close(a, b, f"hidden_states[{i}]")
+        close(a, b, f"hidden_states[{i}]")
     for i, (a, b) in enumerate(zip(got.attentions, want.attentions, strict=True)):
-        _close(a, b, f"attentions[{i}]")
+        close(a, b, f"attentions[{i}]")
     for p in ref.parameters():
         p.grad = None
     model.zero_grad()
@@ -137,7 +131,7 @@ def _kwargs_grads_and_recording() -> None:
             assert state_grads[name] is None or not state_grads[name].any(), f"{name} should get no gradient"
             continue
         assert p.grad is not None, f"{name}: no gradient through the recorded hidden state"
-        _close(p.grad, q.grad.reshape(-1)[p._start_partition : p._end_partition], f"gradient of {name} via hidden_states[1]")
+        close(p.grad, q.grad.reshape(-1)[p._start_partition : p._end_partition], f"gradient of {name} via hidden_states[1]")
 
 
 @pytest.mark.world_size(2)
