@@ -84,6 +84,9 @@ def _worker(
                 backend, store=store, rank=rank, world_size=world_size,
                 timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
             )
+            # a gloo group is usable on one rank before its peer has connected: a rank whose fn
+            # makes no collective would tear the group down under its still-connecting peer
+            dist.barrier()
             if init_kwargs is not None:
                 bmt_comm.init_distributed(**init_kwargs)
         started = time.monotonic()

@@ -263,3 +263,39 @@ def test_lone_process_releases_its_default_group_at_exit():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+
+def _init_with_one_slow_rank(slow: int, delay: float) -> tuple[float, float]:
+    import time
+
+    import bmt_comm
+    import bmt_comm.init as init
+
+    bmt_comm.destroy()
+    import torch.distributed as dist
+
+    if dist.get_rank() == slow:  # this rank is still making its communicators when the others are done
+        build = init._build_communicators
+
+        def slow_build(*args: object, **kwargs: object) -> object:
+            time.sleep(delay)
+            return build(*args, **kwargs)  # type: ignore[arg-type]
+
+        init._build_communicators = slow_build  # type: ignore[assignment]
+    started = time.time()
+    # a timeout other than the harness group's: bmt makes gloo groups of its own
+    bmt_comm.init_distributed(timeout=42, tp_size=2)
+    return started, time.time()
+
+
+@pytest.mark.world_size(4)
+def test_init_returns_only_once_every_rank_is_connected(spawn):
+    # A gloo group is usable on one rank before its peer has connected. Before init's closing
+    # barrier, a rank that returned and then left (a short script, a harness worker) made its
+    # still-connecting peer fail with "Gloo connectFullMesh failed ... Connection closed by peer".
+    delay = 1.5
+    times = spawn(_init_with_one_slow_rank, 3, delay)
+    slow_started = times[3][0]
+    for rank in range(3):
+        assert times[rank][1] >= slow_started + delay, f"rank {rank} returned before rank 3 had connected: {times}"

@@ -130,6 +130,19 @@ def _distinct_rank_sets(topo: Topology) -> list[tuple[int, ...]]:
     return rank_sets
 
 
+def _wait_until_all_connected(object_groups: dict[tuple[int, ...], dist.ProcessGroup], topo: Topology) -> None:
+    """Return only once every rank has finished making every group.
+
+    A gloo group is usable on one rank before its peer has finished connecting to it; a rank
+    that went on and tore its groups down (a short script, ``destroy()``, an early error) would
+    then fail the peer's connection ("Connection closed by peer"). One world barrier after the
+    last group is made holds each rank until all are connected.
+    """
+    if topo.world_size > 1:
+        world = object_groups.get(tuple(range(topo.world_size)), dist.group.WORLD)
+        dist.barrier(group=world)
+
+
 def _object_groups(
     topo: Topology, device: torch.device, timeout: datetime.timedelta, reuse_world: bool
 ) -> dict[tuple[int, ...], dist.ProcessGroup]:
@@ -291,6 +304,7 @@ def init_distributed(
         object_groups = _object_groups(topo, device, args.timeout, reuse_world)
         comms = _build_communicators(topo, device, backend, store, object_groups, args.timeout, reuse_world,
                                      world_timeout)
+        _wait_until_all_connected(object_groups, topo)
     except BaseException:
         # leave the process as we found it, so the user can fix the cause and call us again
         _release_groups(object_groups, owns)
