@@ -1,7 +1,7 @@
 """The training benchmark of record: the yardstick trained with bmt, PyTorch FSDP2 and plain torch.
 
-    python3 benchmarks/train/bench_train.py --config 1b --mb 4 [--ckpt full|none] [--accum N]
-        [--offload] [--impls plain,fsdp2,bmt] [--nproc N] [--out results.jsonl]
+    python3 benchmarks/train/bench_train.py --config 1b --mb 4 [--ckpt full|selective|none] [--compile]
+        [--accum N] [--offload] [--impls plain,fsdp2,bmt] [--nproc N] [--out results.jsonl]
 
 One job, the runners one after the other, each in fresh processes launched with torchrun on every
 visible GPU (plain torch on one GPU only: it is the reference a sharding library is measured by):
@@ -13,7 +13,8 @@ visible GPU (plain torch on one GPU only: it is the reference a sharding library
   ``bmt.optim.AdamOptimizer`` (fp32 master weights; ``AdamOffloadOptimizer`` with ``--offload``)
   under ``bmt.optim.OptimManager(loss_scale=None)``.
 
-All use the same activation checkpointing (``--ckpt``: every layer, or none) and random tokens.
+All use the same activation checkpointing (``--ckpt``: every layer, selectively with the same
+policy, or none), the same compilation (``--compile``: every layer) and random tokens.
 Printed and appended as JSON lines to ``--out``: median step time after warm-up, tokens/s per GPU,
 MFU against 989 TFLOP/s (H100/H200 dense bf16) and against the bf16 matmul rate measured in the
 same job, peak allocated memory, and each runner's ratio to plain and to FSDP2.
@@ -43,7 +44,9 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", choices=("1b", "7b", "tiny"), default="1b")
     p.add_argument("--mb", type=int, default=None, help="micro-batch per GPU (default: 4 for 1b, 2 for 7b)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--ckpt", choices=("full", "none"), default="full", help="activation checkpointing of every layer")
+    p.add_argument("--ckpt", choices=("full", "selective", "none"), default="full",
+                   help="activation checkpointing of every layer (selective: keep matmul and attention outputs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every layer (bmt: Block(compile=True))")
     p.add_argument("--offload", action="store_true", help="bmt only: AdamOffloadOptimizer (CPU Adam)")
     p.add_argument("--no-guard", action="store_true", help="bmt only: OptimManager(skip_nonfinite=False)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated runners, in order")
@@ -122,7 +125,8 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
                 r[f"vs_{peer}"] = r["tokens_per_s_per_gpu"] / ok[peer]["tokens_per_s_per_gpu"]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     device = torch.cuda.get_device_name(0)
-    print(f"\n{args.config} mb {args.mb} accum {args.accum} ckpt {args.ckpt}{' offload' if args.offload else ''}"
+    print(f"\n{args.config} mb {args.mb} accum {args.accum} ckpt {args.ckpt}{' compile' if args.compile else ''}"
+          f"{' offload' if args.offload else ''}"
           f"{' no-guard' if args.no_guard else ''}, {device} x{nproc}, torch {torch.__version__}, {date}")
     if matmul is not None:
         print(f"bf16 matmul rate measured: {matmul['tflops']:.0f} TFLOP/s")
@@ -136,7 +140,7 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
-                r.update(config=args.config, mb=args.mb, accum=args.accum, ckpt=args.ckpt, offload=args.offload,
+                r.update(config=args.config, mb=args.mb, accum=args.accum, ckpt=args.ckpt, compile=args.compile, offload=args.offload,
                          guard=not args.no_guard, device=device, torch=torch.__version__, date=date)
                 f.write(json.dumps(r) + "\n")
     return 0 if all(not r.get("failed") for r in rows) else 1
@@ -163,7 +167,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The parent's settings for a worker (never ``--out``: only the parent writes that file)."""
     argv = ["--config", args.config, "--mb", str(args.mb), "--accum", str(args.accum), "--ckpt", args.ckpt,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--impls", args.impls]
-    return argv + ["--offload"] * args.offload + ["--no-guard"] * args.no_guard
+    return argv + ["--offload"] * args.offload + ["--no-guard"] * args.no_guard + ["--compile"] * args.compile
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ does ``accum`` forward/backward passes and one optimizer step.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -15,32 +16,50 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from yardstick import CONFIGS, Config, Yardstick, flops_per_token, parameter_count, rotary_tables
 
 Step = Callable[[], None]
 LR = 1e-4
 
 
-class Checkpointed(nn.Module):
-    """A layer under non-reentrant activation checkpointing (plain torch and FSDP2)."""
+def _keep_matmul_and_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """The peers' selective policy: the same ops bmt's ``checkpoint_policy="matmul_attention"`` keeps."""
+    from bmt_ckpt import SAVE_MATMUL_AND_ATTENTION  # noqa: PLC0415
 
-    def __init__(self, layer: nn.Module) -> None:
+    return CheckpointPolicy.MUST_SAVE if op in SAVE_MATMUL_AND_ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class Checkpointed(nn.Module):
+    """A layer under non-reentrant activation checkpointing (plain torch and FSDP2), full or
+    selective (torch's selective checkpointing with the policy above)."""
+
+    def __init__(self, layer: nn.Module, selective: bool = False) -> None:
         super().__init__()
         self.layer = layer
+        self.context_fn = (
+            functools.partial(create_selective_checkpoint_contexts, _keep_matmul_and_attention) if selective else None
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = checkpoint(self.layer, x, cos, sin, use_reentrant=False)
+        if self.context_fn is None:
+            out: torch.Tensor = checkpoint(self.layer, x, cos, sin, use_reentrant=False)
+        else:
+            out = checkpoint(self.layer, x, cos, sin, use_reentrant=False, context_fn=self.context_fn)
         return out
 
 
-def _build(cfg: Config, dtype: torch.dtype, ckpt: str) -> Yardstick:
+def _build(cfg: Config, dtype: torch.dtype, ckpt: str, compile: bool = False) -> Yardstick:
+    """The yardstick on this GPU; each layer checkpointed as ``ckpt`` says and, with
+    ``compile``, compiled in place (checkpointing inside the compiled region, as torchtitan does)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Yardstick(cfg).to(dtype)
-    if ckpt == "full":
-        for i, layer in enumerate(model.layers):
-            model.layers[i] = Checkpointed(layer)
+    for i, layer in enumerate(model.layers):
+        wrapped = layer if ckpt == "none" else Checkpointed(layer, selective=ckpt == "selective")
+        if compile:
+            wrapped.compile()
+        model.layers[i] = wrapped
     return model
 
 
@@ -51,7 +70,7 @@ def _batches(cfg: Config, mb: int, accum: int) -> list[tuple[torch.Tensor, torch
 
 
 def plain(cfg: Config, args: argparse.Namespace) -> Step:
-    model = _build(cfg, torch.bfloat16, args.ckpt)
+    model = _build(cfg, torch.bfloat16, args.ckpt, args.compile)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
     cos, sin = rotary_tables(cfg, torch.device("cuda"))
     batches = _batches(cfg, args.mb, args.accum)
@@ -69,7 +88,7 @@ def fsdp2(cfg: Config, args: argparse.Namespace) -> Step:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
 
     torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
-    model = _build(cfg, torch.float32, args.ckpt)
+    model = _build(cfg, torch.float32, args.ckpt, args.compile)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.layers:
         fully_shard(layer, mp_policy=policy)
@@ -93,7 +112,12 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
 
     bmt.init_distributed(seed=0)
     model = _build(cfg, torch.bfloat16, "none")
-    blocks = [bmt.Block(bmt.BMTrainModelWrapper(layer), use_checkpoint=args.ckpt == "full") for layer in model.layers]
+    policy = "matmul_attention" if args.ckpt == "selective" else None
+    blocks = [
+        bmt.Block(bmt.BMTrainModelWrapper(layer), use_checkpoint=args.ckpt != "none", checkpoint_policy=policy,
+                  compile=args.compile)
+        for layer in model.layers
+    ]
     model.layers = bmt.TransformerBlockList(blocks)  # type: ignore[assignment]
     bmt.BMTrainModelWrapper(model)
     torch.cuda.empty_cache()

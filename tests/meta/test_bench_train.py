@@ -27,9 +27,10 @@ def test_yardstick_sizes(config, billions):
 
 
 def test_workers_get_the_parents_settings_but_not_its_output_file():
-    args = _options(["--config", "7b", "--accum", "2", "--no-guard", "--impls", "bmt", "--out", "x.jsonl"])
+    args = _options(["--config", "7b", "--accum", "2", "--no-guard", "--impls", "bmt", "--out", "x.jsonl",
+                     "--ckpt", "selective", "--compile"])
     again = _options(_worker_argv(args))
-    for key in ("config", "mb", "accum", "ckpt", "offload", "no_guard", "steps", "warmup", "impls"):
+    for key in ("config", "mb", "accum", "ckpt", "compile", "offload", "no_guard", "steps", "warmup", "impls"):
         assert getattr(again, key) == getattr(args, key), key
     assert again.out is None and args.mb == 2
 

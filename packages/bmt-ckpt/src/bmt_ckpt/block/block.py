@@ -13,6 +13,7 @@ from bmt_comm import Communicator
 from bmt_zero import BlockType, DistributedParameter, FlatStorage, state_dst
 
 from .checkpointing import BlockCall, run_block
+from .options import InnerForward, resolve_checkpoint_policy, resolve_compile_options
 from .runtime import BlockPhase, BlockRuntime, ReleasePolicy, SharedStorage, link_after
 from .scheduler import BlockScheduler
 from .state import init_block_parameters, load_block_state, save_block_state
@@ -85,6 +86,18 @@ class Block(torch.nn.Module):
     outside autograd (its output needs no grad); a frozen parameter's ``.grad`` is left as it is
     by later backwards. A parameter frozen *at build* has no gradient storage and cannot be
     unfrozen later (an error says so).
+
+    Options beyond 1.0.1 (off by default):
+
+    - ``checkpoint_policy``: selective activation checkpointing while ``use_checkpoint`` is True.
+      The forward keeps the outputs of the ops the policy names and backward recomputes the rest,
+      through torch's selective checkpointing. Pass ``"matmul_attention"`` (keep matrix products
+      and attention, recompute elementwise work), a collection of ``torch.ops.aten`` OpOverloads,
+      or a policy function as ``torch.utils.checkpoint.create_selective_checkpoint_contexts``
+      takes. Gradients equal full checkpointing's.
+    - ``compile``: run the inner module through ``torch.compile`` (True, or a mapping of its
+      keyword arguments), under the Block's gathering, hooks and recomputation; with a
+      ``checkpoint_policy`` the policy is compiled in. The inner module itself is not changed.
     """
 
     _module: torch.nn.Module
@@ -96,6 +109,9 @@ class Block(torch.nn.Module):
         zero_level: int = 3,
         initialized: bool = False,
         mode: BlockMode | str = BlockMode.BLOCK,
+        *,
+        checkpoint_policy: object = None,
+        compile: object = False,
     ) -> None:
         super().__init__()
         if not isinstance(inner_module, torch.nn.Module):
@@ -109,6 +125,10 @@ class Block(torch.nn.Module):
                 raise ValueError(f"Block parameters must be DistributedParameter; '{name}' is {type(p).__name__}")
         self.__dict__["_module"] = inner_module  # not a child: no key infix in state dicts
         self.use_checkpoint = use_checkpoint
+        # what runs inside: the module, compiled and/or under selective checkpointing (opt-in)
+        self._inner = InnerForward(
+            inner_module, resolve_checkpoint_policy(checkpoint_policy), resolve_compile_options(compile)
+        )
         self.zero_level = zero_level
         self._policy = ReleasePolicy.from_zero_level(zero_level)
         self._mode = BlockMode.parse(mode)
@@ -218,13 +238,17 @@ class Block(torch.nn.Module):
         # parameter requires_grad=False) passes none, so on inputs that need no grad it runs once,
         # outside autograd, as torch does
         flat = [b.shard for b in runtime.storage.buffers if b.trainable]
-        call, tensors = BlockCall.of(runtime, self._module, self.use_checkpoint, device, args, kwargs, len(flat))
+        inner = self._inner
+        selective = self.use_checkpoint and inner.policy is not None
+        fn = inner.selective if selective else inner.eager
+        recompute = self.use_checkpoint and not selective  # selective: torch recomputes inside the kept graph
+        call, tensors = BlockCall.of(runtime, fn, recompute, device, args, kwargs, len(flat))
         if grad_mode and (flat or any(t.requires_grad for t in tensors)):
             return run_block(call, flat, tensors)
         runtime.acquire(BlockPhase.FORWARD)  # no graph: nothing is kept for a backward
         try:
             runtime.bind()
-            out = self._module(*args, **kwargs)
+            out = self._inner.eager(*args, **kwargs)
         finally:
             runtime.finish()
         return tuple(out) if isinstance(out, list) else out
@@ -304,7 +328,12 @@ class Block(torch.nn.Module):
             return getattr(inner, name)
 
     def __repr__(self) -> str:
-        return f"Block(zero_level={self.zero_level}, use_checkpoint={self.use_checkpoint}): {self._module!r}"
+        extra = ""
+        if self._inner.policy is not None:
+            extra += ", selective checkpointing"
+        if self._inner.compile_options is not None:
+            extra += ", compiled"
+        return f"Block(zero_level={self.zero_level}, use_checkpoint={self.use_checkpoint}{extra}): {self._module!r}"
 
     # --- state dict ----------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

@@ -14,7 +14,7 @@ parameters are all frozen, called on inputs that need no grad, does not come her
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,12 +82,14 @@ class AutocastState:
 
 @dataclass(eq=False)
 class BlockCall:
-    """One call of a Block: the module, the non-tensor parts of its arguments, and (filled by the
-    forward) the structure of its outputs."""
+    """One call of a Block: what runs (the inner module, or its compiled or selectively
+    checkpointed form), whether the Block recomputes it in backward (full checkpointing) or
+    keeps its graph, the non-tensor parts of its arguments, and (filled by the forward) the
+    structure of its outputs."""
 
     runtime: BlockRuntime
-    module: torch.nn.Module
-    use_checkpoint: bool
+    fn: Callable[..., Any]
+    recompute: bool
     device: torch.device
     in_spec: TreeSpec
     in_leaves: list[Any]  # tensors replaced by None
@@ -99,21 +101,21 @@ class BlockCall:
 
     @classmethod
     def of(
-        cls, runtime: BlockRuntime, module: torch.nn.Module, use_checkpoint: bool, device: torch.device,
+        cls, runtime: BlockRuntime, fn: Callable[..., Any], recompute: bool, device: torch.device,
         args: tuple[Any, ...], kwargs: dict[str, Any], n_flat: int,
     ) -> tuple[BlockCall, list[torch.Tensor]]:
         leaves, spec = tree_flatten((args, kwargs))
         slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         tensors: list[torch.Tensor] = [leaves[i] for i in slots]
         kept = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        return cls(runtime, module, use_checkpoint, device, spec, kept, slots, n_flat), tensors
+        return cls(runtime, fn, recompute, device, spec, kept, slots, n_flat), tensors
 
     def run(self, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> Any:
         leaves = list(self.in_leaves)
         for slot, t in zip(self.tensor_slots, tensors, strict=True):
             leaves[slot] = t
         args, kwargs = tree_unflatten(leaves, self.in_spec)
-        return self.module(*args, **kwargs)
+        return self.fn(*args, **kwargs)
 
     def split_output(self, out: Any) -> list[torch.Tensor]:
         """Record the output's structure (a top-level list becomes a tuple); return its tensors."""
@@ -144,13 +146,13 @@ class BlockFunction(torch.autograd.Function):
         runtime = call.runtime
         hold = runtime.hold_for_backward()
         ctx.pending = PendingBackward(runtime)
-        if call.use_checkpoint:
+        if call.recompute:
             ctx.rng = RngState.capture(call.device)
             ctx.autocast = AutocastState.capture(call.device)
         runtime.acquire(BlockPhase.FORWARD)
         try:
             runtime.bind()
-            if call.use_checkpoint:
+            if call.recompute:
                 with torch.no_grad():
                     outs = call.split_output(call.run(_detached(inputs)))
             else:
@@ -161,7 +163,7 @@ class BlockFunction(torch.autograd.Function):
         finally:
             runtime.finish()
         ctx.call, ctx.hold = call, hold
-        if call.use_checkpoint:
+        if call.recompute:
             ctx.save_for_backward(*inputs)
         ctx.set_materialize_grads(False)
         results = tuple(t.detach() for t in outs)
@@ -175,17 +177,18 @@ class BlockFunction(torch.autograd.Function):
         call: BlockCall = ctx.call
         runtime = call.runtime
         runtime.scheduler.queue_final_callback(call.device)
-        if not call.use_checkpoint and not hasattr(ctx, "inner"):
+        if not call.recompute and not hasattr(ctx, "inner"):
             raise RuntimeError(
-                "a Block with use_checkpoint=False frees its saved graph after the first backward; "
-                "backward through it a second time needs use_checkpoint=True"
+                "a Block that keeps its graph (use_checkpoint=False, or a checkpoint_policy) frees its saved graph after "
+                "the first backward; backward through it a second time needs full checkpointing "
+                "(use_checkpoint=True without a checkpoint_policy)"
             )
         storage = runtime.storage
-        runtime.acquire(BlockPhase.RECOMPUTE if call.use_checkpoint else BlockPhase.BACKWARD)
+        runtime.acquire(BlockPhase.RECOMPUTE if call.recompute else BlockPhase.BACKWARD)
         full_grads = storage.new_full_grads()
         try:
             runtime.bind(full_grads)
-            if call.use_checkpoint:
+            if call.recompute:
                 leaves = _detached(ctx.saved_tensors)
                 with ctx.rng.restored(), ctx.autocast.restored(), torch.enable_grad():
                     outs = call.split_output(call.run(leaves))
