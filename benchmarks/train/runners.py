@@ -16,36 +16,30 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 from yardstick import CONFIGS, Config, Yardstick, flops_per_token, parameter_count, rotary_tables
 
 Step = Callable[[], None]
 LR = 1e-4
 
 
-def _keep_matmul_and_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """The peers' selective policy: the same ops bmt's ``checkpoint_policy="matmul_attention"`` keeps."""
-    from bmt_ckpt import SAVE_MATMUL_AND_ATTENTION  # noqa: PLC0415
-
-    return CheckpointPolicy.MUST_SAVE if op in SAVE_MATMUL_AND_ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 class Checkpointed(nn.Module):
     """A layer under non-reentrant activation checkpointing (plain torch and FSDP2), full or
-    selective (torch's selective checkpointing with the policy above)."""
+    selective (torch's selective checkpointing with bmt's preset policy)."""
 
     def __init__(self, layer: nn.Module, selective: bool = False) -> None:
         super().__init__()
         self.layer = layer
-        self.context_fn = (
-            functools.partial(create_selective_checkpoint_contexts, _keep_matmul_and_attention) if selective else None
-        )
+        self.context_fn: Callable[[], Any] = noop_context_fn
+        if selective:  # the policy bmt's checkpoint_policy="matmul_attention" applies
+            from bmt_ckpt.block.options import resolve_checkpoint_policy  # noqa: PLC0415
+
+            self.context_fn = functools.partial(
+                create_selective_checkpoint_contexts, resolve_checkpoint_policy("matmul_attention")
+            )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.context_fn is None:
-            out: torch.Tensor = checkpoint(self.layer, x, cos, sin, use_reentrant=False)
-        else:
-            out = checkpoint(self.layer, x, cos, sin, use_reentrant=False, context_fn=self.context_fn)
+        out: torch.Tensor = checkpoint(self.layer, x, cos, sin, use_reentrant=False, context_fn=self.context_fn)
         return out
 
 

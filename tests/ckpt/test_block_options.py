@@ -18,21 +18,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .models import Config, batch, causal_mask, distribute_, make_layers, plain_copy
+from .test_block import _close, _world
 
-RTOL, ATOL = 1e-5, 1e-5
 MATMULS = ("mm", "addmm", "bmm")
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
-        raise AssertionError(f"{what}: max abs difference {(a - b).abs().max().item():.3g}")
-
-
-def _world() -> int:
-    import bmt_comm
-
-    return bmt_comm.get_context().world_size
 
 
 def _check_grads(block: nn.Module, ref: nn.Module, what: str) -> None:
