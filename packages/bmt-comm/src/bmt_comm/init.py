@@ -7,6 +7,7 @@ import datetime
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -346,11 +347,23 @@ def _release_groups(object_groups: dict[tuple[int, ...], dist.ProcessGroup], own
         dist.destroy_process_group()
 
 
+# At exit, how long the main thread lets go of the GIL first (see _release_at_exit)
+EXIT_GRACE_S = 0.05
+
+
 def _release_at_exit() -> None:
     """At interpreter exit, release what ``init_distributed`` made and the script did not
     (1.0.1 scripts never call ``destroy``): gloo groups still alive while the process exits can
     abort it ("terminate called without an active exception", exit -6 under torchrun). NCCL
-    communicators are aborted, not destroyed, as a peer may already be gone."""
+    communicators are aborted, not destroyed, as a peer may already be gone.
+
+    First, after any init, the main thread sleeps ``EXIT_GRACE_S`` (letting go of the GIL): a
+    gloo worker thread drops its finished collective's tensors just *after* the caller's wait
+    returns, and dropping a tensor that Python let go of needs the GIL. A worker still waiting
+    for it when the interpreter starts finalizing is ended by Python (``pthread_exit``) inside a
+    ``noexcept`` frame, and the process aborts. Exit handlers run before finalization begins."""
+    if process_state().generation > 0:
+        time.sleep(EXIT_GRACE_S)
     if not is_initialized():
         return
     ctx = get_context()
