@@ -109,3 +109,12 @@ def rows(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's contiguous share of the batch (dim 0 must divide evenly)."""
     n = t.shape[0] // world
     return t[rank * n : (rank + 1) * n]
+
+
+def holds_no_gather(storage: object) -> bool:
+    """A Block's storage keeps nothing gathered: released, or in place (over a group of one the
+    shard is the full buffer, so there is nothing to gather or release)."""
+    from bmt_zero.flat_storage import BufferState, FlatStorage
+
+    assert isinstance(storage, FlatStorage)
+    return storage.in_place or storage.state is BufferState.RELEASED

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..ckpt.models import distribute_, plain_copy  # noqa: F401 - re-exported for the frozen tests
+from ..ckpt.models import distribute_, holds_no_gather, plain_copy  # noqa: F401 - re-exported for the frozen tests
 
 DIM, LAYERS, BATCH = 8, 3, 4
 RTOL, ATOL = 1e-5, 1e-6

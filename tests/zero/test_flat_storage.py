@@ -101,8 +101,11 @@ def _check_build_gather_grads(chunk: int | None) -> None:
         assert pieces[0][0] == 0 and pieces[-1][1] == full.numel()
         assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
 
-    # gather: params become the full tensors; release frees the memory
-    assert storage.state is BufferState.RELEASED
+    # gather: params become the full tensors; release frees the memory. A group of one is in
+    # place: its shard is the full buffer, always gathered, and release has nothing to free
+    in_place = world == 1
+    assert all(b.in_place is in_place for b in storage.buffers)
+    assert storage.state is (BufferState.GATHERED if in_place else BufferState.RELEASED)
     storage.gather_async()
     storage.wait()
     storage.bind_full()
@@ -112,9 +115,13 @@ def _check_build_gather_grads(chunk: int | None) -> None:
         assert torch.equal(storage.full_tensor(name), full)
     storage.bind_shard()
     storage.release()
-    assert all(b._full.untyped_storage().nbytes() == 0 for b in storage.buffers)
-    with pytest.raises(RuntimeError, match="is released, not gathered"):
-        storage.full_tensor("p0")
+    if in_place:
+        assert all(b._full.untyped_storage().data_ptr() == b.shard.untyped_storage().data_ptr() for b in storage.buffers)
+        assert storage.state is BufferState.GATHERED and torch.equal(storage.full_tensor("p0"), fulls[0])
+    else:
+        assert all(b._full.untyped_storage().nbytes() == 0 for b in storage.buffers)
+        with pytest.raises(RuntimeError, match="is released, not gathered"):
+            storage.full_tensor("p0")
 
     # gradients: the full gradient of rank r is (r + 1) * g, so the sum is g * world(world+1)/2
     def backward_once(scale: float) -> None:
@@ -122,6 +129,8 @@ def _check_build_gather_grads(chunk: int | None) -> None:
         storage.wait()
         grads = storage.new_full_grads()
         assert [g is None for g in grads] == [False, True, False, False]
+        if in_place:  # autograd accumulates straight into the shards' gradients
+            assert all(g is b.shard.grad for g, b in zip(grads, storage.buffers, strict=True) if g is not None)
         storage.bind_full(grads)
         loss = sum(((p.double() ** 2).sum() * (rank + 1) * scale) for p in params if p.requires_grad)
         loss.backward()

@@ -9,6 +9,12 @@ group into the shard's ``.grad``, accumulating until the gradients are zeroed.
 
 The full buffer keeps one storage for its whole life and is resized to zero bytes when released,
 so tensors that autograd saved as views of a parameter stay valid once it is gathered again.
+
+Over a group of one rank (one GPU, or tensor/pipeline parallelism covering the world) there is
+nothing to shard: the buffer is *in place*. The shard is the full buffer, so gathering and
+releasing do nothing, and the full gradient buffer is the shard's own ``.grad``, which autograd
+accumulates into directly, so the reduce-scatter has nothing left to do. Nothing is copied or
+launched beyond zeroing the gradient once after it was set to None.
 """
 
 from __future__ import annotations
@@ -79,17 +85,23 @@ class FlatBuffer:
         # the flat tensor is a bmt_comm.Shard of the whole (padded) buffer over ``comm``
         bmt_comm.mark_shard(self.shard, part_start, part_end, layout.total, comm)
         self._fill_shard(build_chunk_numel)
-        # one storage for the buffer's whole life: views made now stay valid across release/gather
-        self._full = torch.empty(layout.total, dtype=key.dtype, device=self.device)
+        # a group of one: the shard already is the whole buffer, nothing is gathered or reduced
+        self.in_place = comm.size == 1
+        if self.in_place:
+            self._full = self.shard.detach()
+        else:
+            # one storage for the buffer's whole life: views made now stay valid across release/gather
+            self._full = torch.empty(layout.total, dtype=key.dtype, device=self.device)
         self._full_views = [self._full[s.offset : s.offset + s.numel].view(s.shape) for s in layout.slots]
-        self._full.untyped_storage().resize_(0)
+        if not self.in_place:
+            self._full.untyped_storage().resize_(0)
         self._shard_views = [
             self.shard.detach()[slot.offset + lo - part_start : slot.offset + hi - part_start]
             for slot, (lo, hi) in zip(layout.slots, self.local_ranges, strict=True)
         ]
         self._stashed_grads: list[torch.Tensor | None] = [None] * len(self.params)
         self._event: torch.cuda.Event | None = None
-        self.state = BufferState.RELEASED
+        self.state = BufferState.GATHERED if self.in_place else BufferState.RELEASED
         for p, view, (lo, hi) in zip(self.params, self._shard_views, self.local_ranges, strict=True):
             p._bind_storage(view, lo, hi, comm)  # its pieces now live over this buffer's group
 
@@ -136,7 +148,7 @@ class FlatBuffer:
         unless ``force``: then gather again into the held memory, e.g. after an update)."""
         if self.state is not BufferState.RELEASED and not force:
             return
-        if self.layout.total == 0:
+        if self.layout.total == 0 or self.in_place:
             self.state = BufferState.GATHERED
             return
         if self.state is BufferState.RELEASED:
@@ -165,8 +177,9 @@ class FlatBuffer:
             self.state = BufferState.GATHERED
 
     def release(self) -> None:
-        """Free the full buffer's memory (params must be bound to their shards)."""
-        if self.state is BufferState.RELEASED:
+        """Free the full buffer's memory (params must be bound to their shards); in place there is
+        no memory of its own to free."""
+        if self.state is BufferState.RELEASED or self.in_place:
             return
         self.wait()  # never free memory that a queued all-gather still writes
         self._full.untyped_storage().resize_(0)
@@ -214,7 +227,13 @@ class FlatBuffer:
         return self.layout.key.requires_grad and any(p.requires_grad for p in self.params)
 
     def new_full_grad(self) -> torch.Tensor:
-        """A zeroed full-size gradient buffer (on the current stream)."""
+        """A full-size gradient buffer for autograd to accumulate into (on the current stream):
+        a new zeroed one, or in place the shard's ``.grad`` itself, zeroed where nothing is kept."""
+        if self.in_place:
+            grad, overwrite = self._attach_grads()
+            if overwrite:
+                grad.zero_()
+            return grad
         return torch.zeros(self.layout.total, dtype=self.layout.key.dtype, device=self.device)
 
     def reduce_scatter_grad(self, full_grad: torch.Tensor) -> ReduceHandle:
@@ -224,7 +243,15 @@ class FlatBuffer:
         replaced) since the last call starts from zero, as does everything when the flat
         parameter's ``.grad`` is None. Each parameter's ``.grad`` is then a view of the shard's.
         Keep the returned handle until its ``wait()``: ``full_grad`` must outlive the collective.
+        In place, ``full_grad`` is the shard's gradient (``new_full_grad``): already summed there.
         """
+        if self.in_place:
+            if full_grad is not self.shard.grad:
+                raise RuntimeError(
+                    f"flat buffer {self.layout.key.name} is in place (a group of one): its full gradient is the "
+                    "shard's .grad from new_full_grad(), which was replaced or dropped before the reduction"
+                )
+            return ReduceHandle(full_grad, None)
         grad, overwrite = self._attach_grads()
         if self.layout.total == 0:
             return ReduceHandle(full_grad, None)

@@ -82,6 +82,12 @@ class FlatStorage:
             return BufferState.RELEASED
         return BufferState.GATHERED
 
+    @property
+    def in_place(self) -> bool:
+        """Every buffer lives over a group of one: the shards are the full buffers, never gathered
+        or released (see ``flat_buffer``)."""
+        return all(b.in_place for b in self.buffers)
+
     def names(self) -> list[str]:
         return list(self._where)
 

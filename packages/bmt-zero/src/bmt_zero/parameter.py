@@ -148,12 +148,18 @@ class DistributedParameter(torch.nn.Parameter):
         self._zero_comm = comm
 
     def gather(self) -> torch.Tensor:  # type: ignore[override]  # the reference's API, not Tensor.gather
-        """The full tensor of ``_original_shape`` (all-gathered); its gradient returns to the shard."""
+        """The full tensor of ``_original_shape`` (all-gathered); its gradient returns to the shard.
+
+        Over a group of one it is a view of the parameter (nothing is copied, as in plain torch):
+        unlike 1.0.1's new tensor, writing into it under ``no_grad`` changes the parameter."""
         if self._in_block:
             raise RuntimeError(
                 "gather() is for parameters outside a Block; inside a Block the parameter is "
                 "already full during the block's forward and backward"
             )
+        if self._zero_comm.size == 1:
+            # a group of one holds the whole tensor: a view, used in place as plain torch would
+            return self.view(self._original_shape)
         out: torch.Tensor = _Gather.apply(self)  # type: ignore[no-untyped-call]
         return out
 
