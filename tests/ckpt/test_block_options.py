@@ -57,7 +57,7 @@ def _selective(cfg: Config) -> None:
     dcfg = Config(dropout=0.3)
     mask, world = causal_mask(dcfg.seq), _world()
     x, target = batch(dcfg, 2, seed=3)
-    policies: list[object] = ["matmul_attention", sorted(SAVE_MATMUL_AND_ATTENTION, key=str), _save_nothing]
+    policies: list[object] = ["matmul_attention", "recompute_all", sorted(SAVE_MATMUL_AND_ATTENTION, key=str), _save_nothing]
     for policy in policies:
         for zero_level in (2, 3):
             ref = make_layers(dcfg, seed=4)[0]
@@ -87,6 +87,7 @@ def _selective_keeps_the_matmuls(cfg: Config) -> None:
         ("full", {}),
         ("selective", {"checkpoint_policy": "matmul_attention"}),
         ("keep nothing", {"checkpoint_policy": _save_nothing}),
+        ("recompute_all", {"checkpoint_policy": "recompute_all"}),
     ):
         block = Block(distribute_(make_layers(cfg, seed=6)[0]), **kwargs)
         forward, backward = _OpCounter(), _OpCounter()
@@ -101,6 +102,7 @@ def _selective_keeps_the_matmuls(cfg: Config) -> None:
     # torch's recomputation stops once the last saved tensor is back (early stop): the layer's last
     # matmul (fc2, whose output no backward needs) is not run again
     assert counts["keep nothing"] == (fwd, grad_only + fwd - 1), counts
+    assert counts["recompute_all"] == counts["keep nothing"], counts  # the same, without a per-op policy
 
 
 class _CountingBackend:
@@ -127,6 +129,7 @@ def _compiled(cfg: Config) -> None:
         ("full", {}),
         ("none", {"use_checkpoint": False}),
         ("selective", {"checkpoint_policy": "matmul_attention"}),
+        ("recompute_all", {"checkpoint_policy": "recompute_all"}),
     ):
         torch._dynamo.reset()
         backend = _CountingBackend()
@@ -195,7 +198,7 @@ def _bad_options() -> None:
     def layer() -> nn.Module:
         return distribute_(make_layers(cfg, seed=1)[0])
 
-    with pytest.raises(ValueError, match=r"checkpoint_policy='matmul' is not a preset; the presets are \['matmul_attention'\]"):
+    with pytest.raises(ValueError, match=r"checkpoint_policy='matmul' is not a preset; the presets are \['matmul_attention', 'recompute_all'\]"):
         Block(layer(), checkpoint_policy="matmul")
     with pytest.raises(TypeError, match=r"torch.ops.aten.mm.default, got aten.mm .*OpOverloadPacket \(use aten.mm.default\)"):
         Block(layer(), checkpoint_policy=[torch.ops.aten.mm])

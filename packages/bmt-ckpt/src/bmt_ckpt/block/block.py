@@ -92,7 +92,9 @@ class Block(torch.nn.Module):
     - ``checkpoint_policy``: selective activation checkpointing while ``use_checkpoint`` is True.
       The forward keeps the outputs of the ops the policy names and backward recomputes the rest,
       through torch's selective checkpointing. Pass ``"matmul_attention"`` (keep matrix products
-      and attention, recompute elementwise work), a collection of ``torch.ops.aten`` OpOverloads,
+      and attention, recompute elementwise work), ``"recompute_all"`` (keep nothing: full
+      checkpointing whose recomputation stops once backward has what it needs, so the module's
+      last ops and their forward hooks do not run again), a collection of ``torch.ops.aten`` OpOverloads,
       or a policy function as ``torch.utils.checkpoint.create_selective_checkpoint_contexts``
       takes. Gradients equal full checkpointing's.
     - ``compile``: run the inner module through ``torch.compile`` (True, or a mapping of its

@@ -14,13 +14,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 __all__ = [
     "CheckpointPolicy",
     "PolicyFn",
     "SAVE_MATMUL_AND_ATTENTION",
     "InnerForward",
+    "recompute_all",
     "resolve_checkpoint_policy",
     "resolve_compile_options",
 ]
@@ -51,19 +56,34 @@ def _aten_op(name: str) -> torch._ops.OpOverload | None:
 SAVE_MATMUL_AND_ATTENTION: frozenset[torch._ops.OpOverload] = frozenset(
     op for op in map(_aten_op, _PRESET_OPS) if op is not None
 )
-_PRESETS: Mapping[str, frozenset[torch._ops.OpOverload]] = {"matmul_attention": SAVE_MATMUL_AND_ATTENTION}
+# The preset "recompute_all" keeps nothing: full checkpointing through torch's non-reentrant
+# checkpoint, whose recomputation stops once every tensor the backward needs is back (the inner
+# module's last ops, e.g. the final matmul and residual add, are not run again).
+_PRESETS: Mapping[str, frozenset[torch._ops.OpOverload]] = {
+    "matmul_attention": SAVE_MATMUL_AND_ATTENTION,
+    "recompute_all": frozenset(),
+}
 
 
 def _save_ops(ops: frozenset[torch._ops.OpOverload]) -> PolicyFn:
+    if not ops:
+        return recompute_all
+
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
 
+def recompute_all(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """The policy that keeps nothing; a Block runs it as plain non-reentrant checkpointing (no
+    per-op policy calls)."""
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def resolve_checkpoint_policy(policy: object) -> PolicyFn | None:
     """``checkpoint_policy=`` of a Block: None (full checkpointing), a preset name
-    (``"matmul_attention"``), a collection of ``torch.ops.aten`` OpOverloads whose outputs are
+    (``"matmul_attention"``, ``"recompute_all"``), a collection of ``torch.ops.aten`` OpOverloads whose outputs are
     kept, or a function ``(ctx, op, *args, **kwargs) -> CheckpointPolicy | bool`` as
     ``torch.utils.checkpoint.create_selective_checkpoint_contexts`` takes."""
     if policy is None:
@@ -137,11 +157,17 @@ class InnerForward:
         if self.policy is None:
             raise RuntimeError("this Block has no checkpoint_policy; its forward is the inner module's own")
         if self._selective is None:
-            context_fn = functools.partial(create_selective_checkpoint_contexts, self.policy)
             module = self.module
+            if self.policy is recompute_all:  # keep nothing: plain non-reentrant checkpointing, no per-op policy
 
-            def run(*args: Any, **kwargs: Any) -> Any:
-                return checkpoint(module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+                def run(*args: Any, **kwargs: Any) -> Any:
+                    return checkpoint(module, *args, use_reentrant=False, **kwargs)
+
+            else:
+                context_fn = functools.partial(create_selective_checkpoint_contexts, self.policy)
+
+                def run(*args: Any, **kwargs: Any) -> Any:
+                    return checkpoint(module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
             opts = self.compile_options
             self._selective = run if opts is None else torch.compile(run, **opts)
