@@ -1,6 +1,6 @@
 """The training benchmark of record: the yardstick trained with bmt, PyTorch FSDP2 and plain torch.
 
-    python3 benchmarks/train/bench_train.py --config 1b --mb 4 [--ckpt full|selective|none] [--compile]
+    python3 benchmarks/train/bench_train.py --config 1b --mb 4 [--ckpt full|recompute_all|selective|none] [--compile]
         [--accum N] [--offload] [--impls plain,fsdp2,bmt] [--nproc N] [--out results.jsonl]
 
 One job, the runners one after the other, each in fresh processes launched with torchrun on every
@@ -14,7 +14,8 @@ visible GPU (plain torch on one GPU only: it is the reference a sharding library
   under ``bmt.optim.OptimManager(loss_scale=None)``.
 
 All use the same activation checkpointing (``--ckpt``: every layer, selectively with the same
-policy, or none), the same compilation (``--compile``: every layer) and random tokens.
+policy, or none; the peers' torch checkpoint always stops recomputing early, bmt's default full
+checkpointing recomputes the whole layer as 1.0.1 does and ``recompute_all`` stops early too), the same compilation (``--compile``: every layer) and random tokens.
 Printed and appended as JSON lines to ``--out``: median step time after warm-up, tokens/s per GPU,
 MFU against 989 TFLOP/s (H100/H200 dense bf16) and against the bf16 matmul rate measured in the
 same job, peak allocated memory, and each runner's ratio to plain and to FSDP2.
@@ -44,8 +45,9 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", choices=("1b", "7b", "tiny"), default="1b")
     p.add_argument("--mb", type=int, default=None, help="micro-batch per GPU (default: 4 for 1b, 2 for 7b)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--ckpt", choices=("full", "selective", "none"), default="full",
-                   help="activation checkpointing of every layer (selective: keep matmul and attention outputs)")
+    p.add_argument("--ckpt", choices=("full", "recompute_all", "selective", "none"), default="full",
+                   help="activation checkpointing of every layer (selective: keep matmul and attention outputs; "
+                        "recompute_all: full, bmt through checkpoint_policy='recompute_all', the peers as for full)")
     p.add_argument("--compile", action="store_true", help="torch.compile every layer (bmt: Block(compile=True))")
     p.add_argument("--offload", action="store_true", help="bmt only: AdamOffloadOptimizer (CPU Adam)")
     p.add_argument("--no-guard", action="store_true", help="bmt only: OptimManager(skip_nonfinite=False)")

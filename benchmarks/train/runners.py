@@ -106,7 +106,7 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
 
     bmt.init_distributed(seed=0)
     model = _build(cfg, torch.bfloat16, "none")
-    policy = "matmul_attention" if args.ckpt == "selective" else None
+    policy = {"selective": "matmul_attention", "recompute_all": "recompute_all"}.get(args.ckpt)
     blocks = [
         bmt.Block(bmt.BMTrainModelWrapper(layer), use_checkpoint=args.ckpt != "none", checkpoint_policy=policy,
                   compile=args.compile)
