@@ -11,7 +11,8 @@ visible GPU (plain torch on one GPU only: it is the reference a sharding library
   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, ``AdamW(fused=True)``;
 - bmt: one ``bmt.Block`` per layer in a ``bmt.TransformerBlockList``, bf16 parameters,
   ``bmt.optim.AdamOptimizer`` (fp32 master weights; ``AdamOffloadOptimizer`` with ``--offload``)
-  under ``bmt.optim.OptimManager(loss_scale=None)``.
+  under ``bmt.optim.OptimManager(loss_scale=None)``, gradients dropped after each step
+  (``zero_grad(set_to_none=True)``, as the peers do; 1.0.1 zeroes them in place).
 
 All use the same activation checkpointing (``--ckpt``: every layer, selectively with the same
 policy, or none; the peers' torch checkpoint always stops recomputing early, bmt's default full

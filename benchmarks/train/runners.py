@@ -126,7 +126,7 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
         for ids, targets in batches:
             manager.backward(model(ids, targets, cos, sin) / len(batches))
         manager.step()
-        manager.zero_grad()
+        manager.zero_grad(set_to_none=True)  # as the peers' opt.zero_grad(set_to_none=True): no gradients between steps
 
     return step
 

@@ -300,3 +300,17 @@ def _dist_worker() -> list[float]:
 def test_distributed_overflow_and_grad_norm(spawn: Any, world_size: int, init: dict[str, int]) -> None:
     s = 2.0**12
     assert spawn(_dist_worker, **init) == [[s / 2, s / 2, s / 4, s / 4]] * world_size
+
+
+def test_zero_grad_zeroes_in_place_and_drops_on_request() -> None:
+    """1.0.1 zeroes the gradients in place (the tensors stay); ``set_to_none=True`` drops them."""
+    params = _params(seed=0)
+    m = OptimManager()
+    m.add_optimizer(torch.optim.SGD(params, lr=0.1))
+    m.backward(sum((p**2).sum() for p in params))
+    grads = [p.grad for p in params]
+    m.zero_grad()
+    assert all(p.grad is g and g is not None and not g.any() for p, g in zip(params, grads, strict=True))
+    m.backward(sum((p**2).sum() for p in params))
+    m.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params)

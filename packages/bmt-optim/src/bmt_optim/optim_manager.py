@@ -138,10 +138,15 @@ class OptimManager:
             # the last reduce-scatters of gradients run on the load stream: make them visible
             wait_stream(current_stream(ctx.device), ctx.streams.load)
 
-    def zero_grad(self) -> None:
-        """Zero gradients in place (Blocks' gradients are views into flat buffers)."""
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero gradients in place, as 1.0.1 does (Blocks' gradients are views into flat buffers).
+
+        ``set_to_none=True`` (opt-in) drops them instead, as ``torch.optim`` does by default: the
+        gradient memory is free from the end of the step until the next backward needs it (a
+        Block's inner parameters let go of their views at its next forward), which lowers the
+        peak when the forward's activations, not the backward, set it."""
         for opt in self.optimizers:
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=set_to_none)
         self._norm_flag = None
 
     # --- clipping -----------------------------------------------------------------------
