@@ -35,14 +35,17 @@ def _alive(refs: list[weakref.ref[torch.Tensor]]) -> list[int]:
     return [i for i, r in enumerate(refs) if r() is not None]
 
 
-def _check_set_to_none() -> None:
+def _check_set_to_none(on: str) -> None:
+    """``on="flat"``: the optimizer holds the flat shards; ``"inner"``: the inner parameters (as
+    ``model.parameters()`` gives them, 1.0.1's usage), whose set-to-None gradients leave no
+    holder of the flat buffer but the flat shard itself: the next forward drops it."""
     import bmt_comm
 
     model, layers, flat = _model()
     if bmt_comm.world_size() == 2 and bmt_comm.rank() == 0:  # the case of an empty local range is covered
         bias = layers[0].bias
         assert bias._end_partition == bias._start_partition, (bias._start_partition, bias._end_partition)
-    opt = torch.optim.SGD(flat, lr=1e-2)
+    opt = torch.optim.SGD(flat if on == "flat" else list(model.parameters()), lr=1e-2)
     x = torch.randn(8, 64)
     refs: list[list[weakref.ref[torch.Tensor]]] = []
     for step in range(4):
@@ -54,9 +57,10 @@ def _check_set_to_none() -> None:
                 assert p.grad is not None and p.grad.untyped_storage().data_ptr() == f.grad.untyped_storage().data_ptr()
         assert [_alive(r) for r in refs[:-1]] == [[]] * step, f"step {step}: an older buffer lives on"
         opt.step()
-        opt.zero_grad()  # set_to_none: the flat grads go; the params' views still hold the buffers
+        opt.zero_grad()  # set_to_none: the flat grads (or the params' views) go; the rest still hold the buffers
         model(x)  # the next forward lets them go
         assert _alive(refs[-1]) == [], f"step {step}: the dropped buffer outlived the next forward"
+        assert all(f.grad is None for f in flat) and all(p.grad is None for p in model.parameters())
 
 
 def _check_zeroed_in_place() -> None:
@@ -74,8 +78,9 @@ def _check_zeroed_in_place() -> None:
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_dropped_gradient_buffers_are_freed(spawn: Any, world_size: int) -> None:
-    spawn(_check_set_to_none)
+@pytest.mark.parametrize("on", ["flat", "inner"])
+def test_dropped_gradient_buffers_are_freed(spawn: Any, world_size: int, on: str) -> None:
+    spawn(_check_set_to_none, on)
 
 
 @pytest.mark.world_size(2)

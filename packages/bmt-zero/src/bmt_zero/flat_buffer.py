@@ -192,6 +192,10 @@ class FlatBuffer:
         if self.state is not BufferState.GATHERED:
             raise RuntimeError(f"flat buffer {self.layout.key.name} must be gathered before binding, is {self.state.value}")
         grad_views = None if grads is None else self._views_of(grads)
+        if grads is None and self.shard.grad is not None and all(p.grad is None for p in self.params):
+            # an optimizer over the params themselves set every .grad to None: no value of the
+            # flat gradient is kept, so let it go now, before the forward's activations pile up
+            self.shard.grad = None
         # after zero_grad(set_to_none) on the flat parameter, the params' .grad are views of a
         # buffer nobody else holds: drop them here (the next forward) so that buffer is freed
         # before the backward allocates a new one, instead of living on beside it
