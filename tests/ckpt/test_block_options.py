@@ -163,6 +163,36 @@ def _compiled(cfg: Config) -> None:
         assert not hasattr(ref[0], "_compiled_call_impl") or ref[0]._compiled_call_impl is None
 
 
+def _compiled_distributed_modules(cfg: Config) -> None:
+    """Inner modules made DistributedModules (what BMTrainModelWrapper does to a layer) compile
+    whole: their ``__call__`` breaks no graph, and training equals plain torch."""
+    from bmt_ckpt import Block, TransformerBlockList
+    from bmt_zero import make_distributed
+    from torch._dynamo.utils import counters
+
+    mask, world = causal_mask(cfg.seq), _world()
+    torch._dynamo.reset()
+    counters.clear()
+    backend = _CountingBackend()
+    ref = make_layers(cfg, seed=9)
+    blocks = TransformerBlockList(
+        [Block(make_distributed(plain_copy(layer)), compile={"backend": backend}, checkpoint_policy="matmul_attention")
+         for layer in ref]
+    )
+    x, target = batch(cfg, 2, seed=30)
+    y_ref = x
+    for layer in ref:
+        y_ref = layer(y_ref, mask)
+    ((y_ref - target) ** 2).mean().backward()
+    y = blocks(x, mask)
+    (((y - target) ** 2).mean() / world).backward()
+    _close(y, y_ref, "DistributedModule layers, compiled: output")
+    for block, layer in zip(blocks, ref, strict=True):
+        _check_grads(block, layer, "DistributedModule layers, compiled")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert backend.graphs > 0
+
+
 def _no_grad_path_compiled(cfg: Config) -> None:
     from bmt_ckpt import Block
 
@@ -182,6 +212,7 @@ def _block_options() -> None:
     _selective(cfg)
     _selective_keeps_the_matmuls(cfg)
     _compiled(cfg)
+    _compiled_distributed_modules(cfg)
     _no_grad_path_compiled(cfg)
 
 

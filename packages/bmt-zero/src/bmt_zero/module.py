@@ -139,6 +139,12 @@ class DistributedModule(torch.nn.Module):
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # traced by torch.compile (a Block's compiled inner module): a ContextVar cannot be
+            # traced (each would break the graph), and inside a Block nothing is gathered; the
+            # first-call work (the outermost module's check, hooks for replicated parameters,
+            # which a Block holds none of) is for eager calls
+            return super().__call__(*args, **kwargs)
         token = enter_scope()  # reads in this call (and calls inside it) share one gather each
         try:
             first = not self.__dict__.get("_bmt_called")
