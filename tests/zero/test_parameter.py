@@ -131,3 +131,30 @@ def _check_gradient() -> None:
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_gather_and_gradient(spawn, world_size):
     spawn(_check_gather_and_gradient)
+
+
+def _check_public_fields() -> None:
+    """What other packages read, under public names: the same values as 1.0.1's private fields,
+    before and after a Block's storage takes the parameter."""
+    import bmt_comm
+    from bmt_ckpt import Block
+    from bmt_zero import DistributedParameter
+
+    comms = bmt_comm.get_context().comms
+    plain = DistributedParameter(torch.zeros(6, 4))
+    split = DistributedParameter(torch.zeros(6, 4), tp_mode=True, tp_split_dim=0)
+    for p in (plain, split):
+        assert (p.original_shape, p.tp_mode, p.tp_split_dim, p.tp_original_shape, p.in_block) == (
+            p._original_shape, p._tp_mode, p._tp_split_dim, p._tp_original_shape, p._in_block)
+        assert (p.shard_start, p.shard_end, p.shard_comm) == (p._start_partition, p._end_partition, p._zero_comm)
+    assert plain.original_shape == (6, 4) and not plain.tp_mode and plain.tp_split_dim == -1 and not plain.in_block
+    assert split.tp_mode and split.tp_split_dim == 0 and split.tp_original_shape == (6 * comms.tp.size, 4)
+    layer = torch.nn.Linear(4, 6, bias=False)
+    layer.weight = plain
+    Block(layer)
+    assert plain.in_block and plain.shard_comm is comms.zero and plain.original_shape == (6, 4)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_public_fields(spawn, world_size):
+    spawn(_check_public_fields, tp_size=world_size)

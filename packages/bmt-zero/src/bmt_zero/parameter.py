@@ -117,6 +117,32 @@ class DistributedParameter(torch.nn.Parameter):
     def group(self) -> str | None:
         return self._group
 
+    # --- what other packages read (1.0.1's private fields, under public names) -----------------
+    @property
+    def original_shape(self) -> torch.Size:
+        """The shape of the whole parameter (in ``tp_mode``: of this tensor-parallel rank's slice)."""
+        return self._original_shape
+
+    @property
+    def tp_mode(self) -> bool:
+        """Whether the parameter is split over the tensor-parallel group."""
+        return self._tp_mode
+
+    @property
+    def tp_split_dim(self) -> int:
+        """The dim the tensor-parallel ranks' slices are cut along (-1: each holds it whole)."""
+        return self._tp_split_dim
+
+    @property
+    def tp_original_shape(self) -> torch.Size:
+        """The shape of the model's whole logical tensor (the tensor-parallel slices joined)."""
+        return self._tp_original_shape
+
+    @property
+    def in_block(self) -> bool:
+        """Whether a Block's flat storage holds the parameter (its data is a view into it)."""
+        return self._in_block
+
     # --- the bmt_comm.Shard protocol: what the optimizer and gradient clipping read ------------
     @property
     def shard_start(self) -> int:

@@ -51,8 +51,8 @@ def _check_unfrozen(storage: FlatStorage, what: str) -> None:
 def _comm_chooser(mode: BlockMode) -> Callable[[DistributedParameter], Communicator]:
     comms = bmt_comm.get_context().comms
     if mode is BlockMode.PIPE:
-        return lambda p: comms.pp_tp_zero if p._tp_mode else comms.pp_zero
-    return lambda p: comms.tp_zero if p._tp_mode else comms.zero
+        return lambda p: comms.pp_tp_zero if p.tp_mode else comms.pp_zero
+    return lambda p: comms.tp_zero if p.tp_mode else comms.zero
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Block(torch.nn.Module):
         if self._runtime is not None:
             raise RuntimeError("this Block's parameter storage is already built")
         for name, p in self._module.named_parameters():
-            if p._in_block:  # type: ignore[attr-defined]
+            if isinstance(p, DistributedParameter) and p.in_block:
                 raise ValueError(
                     f"parameter '{name}' already lives in another Block's storage; to share it, build "
                     "Block(module, initialized=True) and call .reference(other_block)"
@@ -344,7 +344,7 @@ class Block(torch.nn.Module):
         once (one all-gather per flat buffer); otherwise each parameter is gathered on its own."""
         shared = self.runtime.shared
         tp_size = bmt_comm.get_context().comms.tp.size
-        tp_split = any(p._tp_mode and p._tp_split_dim >= 0 for _, p in shared.storage.named_parameters())
+        tp_split = any(p.tp_mode and p.tp_split_dim >= 0 for _, p in shared.storage.named_parameters())
         if state_dst() is not None or (tp_split and tp_size > 1) or shared.in_use:
             save_block_state(self._module, destination, prefix, keep_vars)
             return

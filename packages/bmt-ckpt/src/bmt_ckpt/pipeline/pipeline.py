@@ -47,13 +47,10 @@ def _pipe_block(module: torch.nn.Module) -> Block:
     backward); a Block must have been built with mode="PIPE"."""
     block = module if isinstance(module, Block) else Block(module, zero_level=2, mode=BlockMode.PIPE)
     block.attach_pipeline()  # raises for a Block built with another mode
-    # Workaround: the flat storage leaves each parameter's _zero_comm at the group it was built
-    # over (the world), while its piece now lives in the stage's group; state dicts gather over
-    # _zero_comm, so point it at the storage's group.
     comms = bmt_comm.get_context().comms
-    for p in block.parameters():
+    for p in block.parameters():  # a PIPE Block's storage lives over its stage's group
         if isinstance(p, DistributedParameter):
-            p._zero_comm = comms.pp_tp_zero if p._tp_mode else comms.pp_zero
+            assert p.shard_comm is (comms.pp_tp_zero if p.tp_mode else comms.pp_zero), p
     return block
 
 

@@ -44,7 +44,7 @@ def _count(params: Iterable[torch.nn.Parameter]) -> int:
     total = 0
     for p in params:
         if isinstance(p, bmt.DistributedParameter):
-            shape = p._tp_original_shape if p._tp_mode else p._original_shape
+            shape = p.tp_original_shape if p.tp_mode else p.original_shape
             total += shape.numel()
         else:
             total += p.numel()

@@ -40,7 +40,7 @@ class _Item:
 
 def _full_shape(t: torch.Tensor) -> torch.Size:
     if isinstance(t, DistributedParameter):
-        return t._tp_original_shape if t._tp_mode else t._original_shape
+        return t.tp_original_shape if t.tp_mode else t.original_shape
     return t.shape
 
 
@@ -84,15 +84,15 @@ def _read_shard(item: _Item, handle: Any) -> torch.Tensor | None:
     the smallest block of whole rows of the file tensor that holds it."""
     param = item.tensor
     assert isinstance(param, DistributedParameter)
-    start, end = param._start_partition, param._end_partition
+    start, end = param.shard_start, param.shard_end
     if end <= start:
         return None
-    local = param._original_shape
+    local = param.original_shape
     if len(local) == 0:
         out: torch.Tensor = handle.get_tensor(item.file_key).reshape(-1)
         return out
     tp = bmt_comm.get_context().comms.tp
-    dim = param._tp_split_dim if param._tp_mode and tp.size > 1 else -1
+    dim = param.tp_split_dim if param.tp_mode and tp.size > 1 else -1
     row_numel = math.prod(local[1:])
     r0, r1 = start // row_numel, -(-end // row_numel)
     rows = torch.arange(r0, r1)

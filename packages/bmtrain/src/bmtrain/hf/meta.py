@@ -47,7 +47,7 @@ def _default_init(model: torch.nn.Module, std: float) -> None:
     for name, p in model.named_parameters():
         if not isinstance(p, DistributedParameter):
             continue
-        shape = p._original_shape
+        shape = p.original_shape
         if len(shape) >= 2:
             p._init_method = normal
         elif name.rsplit(".", 1)[-1] == "bias":

@@ -32,7 +32,7 @@ def _local_piece(p: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None
 
 def _param_comm(p: DistributedParameter) -> Communicator:
     """The group over which ``p``'s elements are spread (a Block re-homes it to its storage's)."""
-    comm: Communicator = p._zero_comm
+    comm: Communicator = p.shard_comm
     return comm
 
 
@@ -77,7 +77,7 @@ def inspect_model(model: torch.nn.Module, param_name: str, prefix: str = "") -> 
         rows = _pool_by_comm(rows, zero_comms)
         tp = bmt_comm.get_context().comms.tp if bmt_comm.is_initialized() else None
         tp_comms: list[Communicator | None] = [
-            tp if isinstance(p, DistributedParameter) and p._tp_mode and p._tp_split_dim >= 0 else None
+            tp if isinstance(p, DistributedParameter) and p.tp_mode and p.tp_split_dim >= 0 else None
             for _, p in picked
         ]
         rows = _pool_by_comm(rows, tp_comms)
@@ -86,7 +86,7 @@ def inspect_model(model: torch.nn.Module, param_name: str, prefix: str = "") -> 
     for (name, p), row in zip(picked, rows, strict=True):
         v, g = to_moments(row[:ROW]), to_moments(row[ROW:])
         if isinstance(p, DistributedParameter):
-            shape = tuple(p._tp_original_shape if p._tp_mode else p._original_shape)
+            shape = tuple(p.tp_original_shape if p.tp_mode else p.original_shape)
         else:
             shape = tuple(p.shape)
         result.append(
