@@ -13,7 +13,7 @@ from .flat_storage import BufferState, FlatStorage, ReduceHandle
 from .gather import gather_for_state, gather_full, gather_to, keeps_state, state_dst
 from .grouping import grouped_parameters
 from .init_params import init_distributed_parameter, init_parameters
-from .module import BlockType, DistributedModule, load_distributed_param, load_plain_tensor
+from .module import BlockType, DistributedModule, load_distributed_param, load_plain_tensor, mark_in_block
 from .parameter import DistributedParameter, InitMethod, ParameterInitializer
 from .partition import Partition
 from .reads import reused_gathers
@@ -43,6 +43,7 @@ __all__ = [
     "load_plain_tensor",
     "load_sharded",
     "make_distributed",
+    "mark_in_block",
     "nn",
     "reused_gathers",
     "save",

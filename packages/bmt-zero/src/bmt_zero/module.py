@@ -23,6 +23,7 @@ __all__ = [
     "load_distributed_param",
     "load_plain_tensor",
     "is_block",
+    "mark_in_block",
 ]
 
 _EXTRA_STATE_KEY = "_extra_state"
@@ -129,6 +130,15 @@ def load_plain_tensor(
         )
 
 
+def mark_in_block(inner: torch.nn.Module) -> None:
+    """The DistributedModules under a Block's inner module need no first-call work: the Block
+    checked that every rank built it alike, and it holds only DistributedParameters (nothing
+    replicated to hook). Marked so, a compiled call of them traces straight through."""
+    for module in inner.modules():
+        if isinstance(module, DistributedModule):
+            module.__dict__["_bmt_called"] = True
+
+
 class DistributedModule(torch.nn.Module):
     """A module holding DistributedParameters.
 
@@ -139,11 +149,11 @@ class DistributedModule(torch.nn.Module):
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            # traced by torch.compile (a Block's compiled inner module): a ContextVar cannot be
-            # traced (each would break the graph), and inside a Block nothing is gathered; the
-            # first-call work (the outermost module's check, hooks for replicated parameters,
-            # which a Block holds none of) is for eager calls
+        if torch.compiler.is_compiling() and self.__dict__.get("_bmt_called"):
+            # traced by torch.compile (a Block's compiled inner module, see mark_in_block): a
+            # ContextVar cannot be traced (each would break the graph), inside a Block nothing
+            # is gathered, and the first-call work is done. Otherwise the code below runs
+            # (dynamo breaks the graph around it and runs it eagerly).
             return super().__call__(*args, **kwargs)
         token = enter_scope()  # reads in this call (and calls inside it) share one gather each
         try:

@@ -10,7 +10,7 @@ from typing import Any
 import bmt_comm
 import torch
 from bmt_comm import Communicator
-from bmt_zero import BlockType, DistributedParameter, FlatStorage, state_dst
+from bmt_zero import BlockType, DistributedParameter, FlatStorage, mark_in_block, state_dst
 
 from .checkpointing import BlockCall, run_block
 from .options import InnerForward, resolve_checkpoint_policy, resolve_compile_options
@@ -126,6 +126,7 @@ class Block(torch.nn.Module):
             if not isinstance(p, DistributedParameter):
                 raise ValueError(f"Block parameters must be DistributedParameter; '{name}' is {type(p).__name__}")
         self.__dict__["_module"] = inner_module  # not a child: no key infix in state dicts
+        mark_in_block(inner_module)  # its DistributedModules need no first-call work (compiled calls trace through)
         self.use_checkpoint = use_checkpoint
         # what runs inside: the module, compiled and/or under selective checkpointing (opt-in)
         self._inner = InnerForward(
