@@ -125,3 +125,68 @@ def test_save_pretrained_directory_imports(spawn, tmp_path, kind: str) -> None: 
         want = plain(input_ids=ids, use_cache=False).logits
     for got in spawn(_import_saved, directory, ids):
         close(got, want, f"{kind}: logits of the imported model")
+
+
+def _streams_while_gathering(out_dir: str) -> tuple[int, int, int]:
+    """Rank 0 writes each file as soon as it is full, while later parameters are still being
+    gathered: it never holds more than one file's tensors (8 KB here, or one larger tensor)."""
+    import bmtrain as bmt
+    from bmtrain import hf
+    from bmtrain.hf import save as hf_save
+
+    model = bmt.BMTrainModelWrapper(build("llama", seed=5))
+    seen, flushes = [0], []
+    cls = hf_save._StreamedFiles
+    setitem, flush = cls.__setitem__, cls.flush
+
+    def counting_setitem(self: object, key: str, value: object) -> None:
+        seen[0] += 1
+        setitem(self, key, value)  # type: ignore[arg-type]
+
+    def recording_flush(self: object) -> None:
+        flushes.append((seen[0], self.pending_bytes, len(self.pending)))  # type: ignore[attr-defined]
+        flush(self)  # type: ignore[arg-type]
+
+    cls.__setitem__, cls.flush = counting_setitem, recording_flush  # type: ignore[method-assign]
+    try:
+        hf.save_pretrained(model, out_dir, max_shard_size="8KB")
+    finally:
+        cls.__setitem__, cls.flush = setitem, flush  # type: ignore[method-assign]
+    for _, nbytes, count in flushes:
+        assert nbytes <= 8000 or count == 1, flushes
+    first = flushes[0][0] if flushes else 0
+    return first, seen[0], len(flushes)
+
+
+@pytest.mark.world_size(2)
+def test_export_streams_files_while_gathering(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (first, entries, flushes), _ = spawn(_streams_while_gathering, str(tmp_path / "out"))
+    assert flushes > 2 and first < entries / 2, (first, entries, flushes)
+
+
+def _hooked_model_is_written_whole(out_dir: str) -> list[str]:
+    """A state-dict post-hook may rename entries after they are set: such a model is collected
+    whole, then written, and the file holds what ``state_dict()`` gives."""
+    import bmtrain as bmt
+    from bmtrain import hf
+
+    model = bmt.BMTrainModelWrapper(build("llama", seed=6))
+
+    def rename(module: object, state: dict, prefix: str, local_metadata: object) -> None:
+        if prefix + "norm.weight" in state:  # ranks other than 0 collect nothing when exporting
+            state["renamed.norm.weight"] = state.pop(prefix + "norm.weight")
+
+    model.model._register_state_dict_hook(rename)  # type: ignore[union-attr, operator]
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    hf.save_pretrained(model, out_dir, max_shard_size="8KB")
+    got = read_dir(out_dir)
+    assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
+    for key, value in want.items():
+        assert torch.equal(got[key], value.cpu()), key
+    return sorted(got)
+
+
+@pytest.mark.world_size(2)
+def test_export_of_a_model_with_state_dict_hooks(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    keys, _ = spawn(_hooked_model_is_written_whole, str(tmp_path / "out"))
+    assert "renamed.norm.weight" in keys

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import shutil
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
@@ -16,7 +17,7 @@ from bmt_zero.store.atomic import atomic_write, replace_dir
 from bmt_zero.store.gathered import _save_to_rank0
 from safetensors.torch import save as safetensors_bytes
 
-from ._files import CONFIG_FILE, INDEX_FILE, parse_size, plan_shards, shard_name
+from ._files import CONFIG_FILE, INDEX_FILE, parse_size, shard_name
 from .keys import IDENTITY, KeyMapping
 
 __all__ = ["save_pretrained", "tied_aliases"]
@@ -46,25 +47,17 @@ def _hf_config(model: torch.nn.Module, config: Any) -> Any:
     return config
 
 
-def _file_tensors(state: Mapping[str, Any], skip: set[str], mapping: KeyMapping,
-                  dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key in skip:
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state entry {key!r} is a {type(value).__name__}, not a tensor: safetensors holds tensors only")
-        tensor = value.detach().cpu()
-        perm = mapping.row_order(key, tensor.shape) if tensor.dim() else None
-        if perm is not None:
-            tensor = tensor[torch.argsort(perm)]  # file[perm[i]] = model[i]
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        name = mapping.to_file(key)
-        if name in out:
-            raise ValueError(f"two model keys map to the checkpoint key {name!r} (the second: {key!r})")
-        out[name] = tensor
-    return out
+def _file_tensor(key: str, value: Any, mapping: KeyMapping, dtype: torch.dtype | None) -> tuple[str, torch.Tensor]:
+    """A state entry as the file holds it: its file key, on CPU, rows reordered, cast."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state entry {key!r} is a {type(value).__name__}, not a tensor: safetensors holds tensors only")
+    tensor = value.detach().cpu()
+    perm = mapping.row_order(key, tensor.shape) if tensor.dim() else None
+    if perm is not None:
+        tensor = tensor[torch.argsort(perm)]  # file[perm[i]] = model[i]
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return mapping.to_file(key), tensor
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -74,32 +67,71 @@ def _write_bytes(path: str, data: bytes) -> None:
     atomic_write(path, write)
 
 
-def _write(directory: str, tensors: dict[str, torch.Tensor], max_bytes: int, config: Any) -> None:
-    final = os.path.abspath(directory)
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{secrets.token_hex(8)}")
-    os.makedirs(tmp)
-    try:
-        sizes = [(k, t.numel() * t.element_size()) for k, t in tensors.items()]
-        files = plan_shards(sizes, max_bytes)
+class _StreamedFiles(OrderedDict[str, Any]):
+    """Rank 0's state dict, written out while it is collected: entries pile up in the current
+    file until the next one would pass ``max_bytes``; then that file is written (under a
+    temporary name: the final names carry the file count) and let go. Rank 0 never holds more
+    than one file's tensors (the 1.0.1 way, and this one's until now, held the whole model).
+
+    A failing entry is kept in ``error`` and the walk goes on (without writing), so rank 0 still
+    takes part in every later gather; the caller raises it on every rank at the end."""
+
+    def __init__(self, tmp: str, skip: set[str], mapping: KeyMapping, dtype: torch.dtype | None,
+                 max_bytes: int) -> None:
+        super().__init__()
+        self._metadata: OrderedDict[str, Any] = OrderedDict()  # what a state dict carries; not written
+        self.tmp, self.skip, self.mapping, self.dtype, self.max_bytes = tmp, skip, mapping, dtype, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}  # the current file's tensors, by file key
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []  # the file keys of each written file, in order
+        self.total_bytes = 0
+        self.error: BaseException | None = None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if self.error is not None or key in self.skip:
+            return
+        try:
+            name, tensor = _file_tensor(key, value, self.mapping, self.dtype)
+            if name in self.pending or any(name in keys for keys in self.files):
+                raise ValueError(f"two model keys map to the checkpoint key {name!r} (the second: {key!r})")
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self.flush()
+            self.pending[name] = tensor
+            self.pending_bytes += nbytes
+            self.total_bytes += nbytes
+        except Exception as e:  # noqa: BLE001 - raised on every rank once the walk is over
+            self.error = e
+
+    def flush(self) -> None:
+        """Write the current file (an empty one when nothing was written yet: a model without tensors)."""
+        if not self.pending and self.files:
+            return
+        # contiguous copies: safetensors refuses views and tensors that share memory
+        data = safetensors_bytes({k: t.contiguous().clone() for k, t in self.pending.items()}, metadata={"format": "pt"})
+        _write_bytes(os.path.join(self.tmp, f".part-{len(self.files)}"), data)
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, config: Any) -> None:
+        """The last file, the final file names, the index and ``config.json``."""
+        self.flush()
         weight_map: dict[str, str] = {}
-        for i, keys in enumerate(files):
-            name = shard_name(i, len(files))
-            # contiguous copies: safetensors refuses views and tensors that share memory
-            data = safetensors_bytes({k: tensors[k].contiguous().clone() for k in keys}, metadata={"format": "pt"})
-            _write_bytes(os.path.join(tmp, name), data)
+        for i, keys in enumerate(self.files):
+            name = shard_name(i, len(self.files))
+            os.replace(os.path.join(self.tmp, f".part-{i}"), os.path.join(self.tmp, name))
             weight_map.update(dict.fromkeys(keys, name))
-        index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
-        index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        _write_bytes(os.path.join(tmp, INDEX_FILE), index_text.encode())
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        _write_bytes(os.path.join(self.tmp, INDEX_FILE), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         if config is not None:
             text = json.dumps(config, indent=2) + "\n" if isinstance(config, dict) else config.to_json_string()
-            _write_bytes(os.path.join(tmp, CONFIG_FILE), text.encode())
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _write_bytes(os.path.join(self.tmp, CONFIG_FILE), text.encode())
+
+
+def _has_state_dict_hooks(model: torch.nn.Module) -> bool:
+    """A state-dict post-hook may change entries after they are set: such a model is collected
+    whole first, then written."""
+    return any(m._state_dict_hooks for m in model.modules())
 
 
 def save_pretrained(
@@ -116,7 +148,8 @@ def save_pretrained(
 
     Each parameter is gathered straight to rank 0 (zero shards, tensor-parallel slices and
     pipeline stages joined), which writes safetensors files of at most ``max_shard_size`` bytes
-    each (``"5GB"``, ``"500MiB"`` or an int; a larger tensor gets a file of its own), the
+    each (``"5GB"``, ``"500MiB"`` or an int; a larger tensor gets a file of its own) as the
+    tensors arrive, so it holds one file's tensors at a time, never the whole model; then the
     ``model.safetensors.index.json`` that names every key's file, and ``config.json`` from
     ``config`` (a ``PretrainedConfig`` or a dict; default: ``model.config`` when the model came
     from transformers). ``key_mapping`` renames (and reorders) model keys to the file's; tied
@@ -128,13 +161,33 @@ def save_pretrained(
     max_bytes = parse_size(max_shard_size)
     mapping = key_mapping or IDENTITY
     aliases: set[str] = set().union(*bmt_comm.allgather_objects(sorted(tied_aliases(model))))
-    state = _save_to_rank0(model)
+    final = os.path.abspath(os.fspath(directory))
+    streamed: _StreamedFiles | None = None
     error: BaseException | None = None
     if ctx.rank == 0:
         try:
-            tensors = _file_tensors(state, aliases, mapping, dtype)
-            del state
-            _write(os.fspath(directory), tensors, max_bytes, _hf_config(model, config))
-        except BaseException as e:  # noqa: BLE001 - every rank raises it below
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{secrets.token_hex(8)}")
+            os.makedirs(tmp)
+            streamed = _StreamedFiles(tmp, aliases, mapping, dtype, max_bytes)
+        except BaseException as e:  # noqa: BLE001 - every rank raises it below, after the walk
             error = e
+    try:
+        # the walk's own errors (a collective's, a model check's) reach every rank as they are
+        if streamed is not None and _has_state_dict_hooks(model):
+            for key, value in _save_to_rank0(model).items():  # whole first, then written
+                streamed[key] = value
+        else:
+            _save_to_rank0(model, streamed)  # other ranks (and a failed rank 0) collect nothing
+        if streamed is not None:
+            error = streamed.error
+            if error is None:
+                try:
+                    streamed.finish(_hf_config(model, config))
+                    replace_dir(streamed.tmp, final)
+                except BaseException as e:  # noqa: BLE001 - every rank raises it below
+                    error = e
+    finally:
+        if streamed is not None and os.path.isdir(streamed.tmp):
+            shutil.rmtree(streamed.tmp, ignore_errors=True)
     agree(error, ctx.comms.world, f"save_pretrained to {os.fspath(directory)}")
