@@ -5,6 +5,15 @@ from .collectives import all_gather, all_reduce, broadcast, recv_activations, re
 from .communicator import Backend, Communicator, ReduceOp
 from .config import ConfigView, config
 from .context import Communicators, DistContext, ProcessState, get_context, is_initialized, process_state
+from .grad_ready import (
+    GradReady,
+    HookHandle,
+    flush_pending_writes,
+    has_grad_ready_hooks,
+    notify_grad_ready,
+    register_grad_ready_hook,
+    register_pending_writes,
+)
 from .init import destroy, init_distributed
 from .objects import allgather_objects, broadcast_object
 from .shard import Shard, check_shard, mark_shard
@@ -32,7 +41,9 @@ __all__ = [
     "Communicators",
     "ConfigView",
     "DistContext",
+    "GradReady",
     "GroupKind",
+    "HookHandle",
     "ReduceOp",
     "Shard",
     "Streams",
@@ -47,19 +58,24 @@ __all__ = [
     "config",
     "current_stream",
     "destroy",
+    "flush_pending_writes",
     "gather_result",
     "get_context",
     "process_state",
     "ProcessState",
+    "has_grad_ready_hooks",
     "init_distributed",
     "is_initialized",
     "mark_shard",
+    "notify_grad_ready",
     "print_block",
     "print_dict",
     "print_rank",
     "rank",
     "record_stream",
     "recv_activations",
+    "register_grad_ready_hook",
+    "register_pending_writes",
     "reduce_scatter",
     "round_up",
     "see_memory",

@@ -15,6 +15,11 @@ nothing to shard: the buffer is *in place*. The shard is the full buffer, so gat
 releasing do nothing, and the full gradient buffer is the shard's own ``.grad``, which autograd
 accumulates into directly, so the reduce-scatter has nothing left to do. Nothing is copied or
 launched beyond zeroing the gradient once after it was set to None.
+
+When the shard's gradient holds a backward's sum (after the reduce-scatter is queued, or in
+place when the Block's backward is done), the buffer tells ``bmt_comm``'s gradient-ready hooks
+(an offload optimizer copies it to the host then) and orders its next write or free of that
+gradient after the events they hand back.
 """
 
 from __future__ import annotations
@@ -100,6 +105,9 @@ class FlatBuffer:
             for slot, (lo, hi) in zip(layout.slots, self.local_ranges, strict=True)
         ]
         self._stashed_grads: list[torch.Tensor | None] = [None] * len(self.params)
+        # events after which readers of the shard's gradient (bmt_comm.notify_grad_ready hooks, e.g. an offload
+        # optimizer copying it to the host) are done: the next write or free of that gradient waits for them
+        self._grad_readers: list[torch.cuda.Event] = []
         self._event: torch.cuda.Event | None = None
         self.state = BufferState.GATHERED if self.in_place else BufferState.RELEASED
         for p, view, (lo, hi) in zip(self.params, self._shard_views, self.local_ranges, strict=True):
@@ -195,6 +203,7 @@ class FlatBuffer:
         if grads is None and self.shard.grad is not None and all(p.grad is None for p in self.params):
             # an optimizer over the params themselves set every .grad to None: no value of the
             # flat gradient is kept, so let it go now, before the forward's activations pile up
+            self._fence_grad_readers()
             self.shard.grad = None
         # after zero_grad(set_to_none) on the flat parameter, the params' .grad are views of a
         # buffer nobody else holds: drop them here (the next forward) so that buffer is freed
@@ -255,6 +264,7 @@ class FlatBuffer:
                     f"flat buffer {self.layout.key.name} is in place (a group of one): its full gradient is the "
                     "shard's .grad from new_full_grad(), which was replaced or dropped before the reduction"
                 )
+            self._notify_grad_ready(bmt_comm.current_stream(self.device))
             return ReduceHandle(full_grad, None)
         grad, overwrite = self._attach_grads()
         if self.layout.total == 0:
@@ -273,7 +283,21 @@ class FlatBuffer:
             if streams.load is not None:
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(streams.load)
+        self._notify_grad_ready(streams.load)
         return ReduceHandle(full_grad, event)
+
+    def _notify_grad_ready(self, stream: torch.cuda.Stream | None) -> None:
+        """The shard's gradient holds this backward's sum (written on ``stream``): tell the hooks."""
+        if bmt_comm.has_grad_ready_hooks() and self.shard.grad is not None:
+            self._grad_readers += bmt_comm.notify_grad_ready([self.shard, *self.params], stream)
+
+    def _fence_grad_readers(self) -> None:
+        """Order the current stream (where the gradient is next written or freed) after its readers."""
+        readers, self._grad_readers = self._grad_readers, []
+        stream = bmt_comm.current_stream(self.device)
+        if stream is not None:
+            for event in readers:
+                stream.wait_event(event)
 
     def _attach_grads(self) -> tuple[torch.Tensor, bool]:
         """The shard's gradient, every trainable parameter's ``.grad`` a view of it, and whether
@@ -282,6 +306,7 @@ class FlatBuffer:
         its values are kept (the reduce adds zeros there), as torch leaves a frozen ``.grad``
         alone. Allocated, and stale parts zeroed, on the current stream, which the load stream
         waits for."""
+        self._fence_grad_readers()
         fresh = self.shard.grad is None
         if fresh:
             self.shard.grad = torch.empty_like(self.shard.detach())
@@ -304,6 +329,7 @@ class FlatBuffer:
         return grad, overwrite
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._fence_grad_readers()
         if set_to_none:
             self.shard.grad = None
             for p in self.params:

@@ -174,6 +174,7 @@ class DistributedModule(torch.nn.Module):
         return value
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        bmt_comm.flush_pending_writes()  # a delayed optimizer update in flight lands first
         to_cpu = bmt_comm.get_context().settings.save_param_to_cpu
         keep = keeps_state()  # False on the ranks that only help rank 0 gather (bmt.save)
         for name, param in self._parameters.items():
@@ -204,6 +205,7 @@ class DistributedModule(torch.nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        bmt_comm.flush_pending_writes()  # a delayed update landing later would overwrite what is loaded
         for hook in self._load_state_dict_pre_hooks.values():
             hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         local: dict[str, torch.Tensor] = {k: v for k, v in self._parameters.items() if v is not None}

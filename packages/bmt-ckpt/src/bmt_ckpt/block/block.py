@@ -343,6 +343,7 @@ class Block(torch.nn.Module):
         """Full tensors under the inner module's names. When every rank keeps them (not inside
         ``bmt_zero.gather.gather_to``) and none is tensor-parallel split, the Block is gathered
         once (one all-gather per flat buffer); otherwise each parameter is gathered on its own."""
+        bmt_comm.flush_pending_writes()  # a delayed optimizer update in flight lands first
         shared = self.runtime.shared
         tp_size = bmt_comm.get_context().comms.tp.size
         tp_split = any(p.tp_mode and p.tp_split_dim >= 0 for _, p in shared.storage.named_parameters())
@@ -374,6 +375,7 @@ class Block(torch.nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        bmt_comm.flush_pending_writes()  # a delayed update landing later would overwrite what is loaded
         load_block_state(self._module, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
         self.runtime.shared.release_if_idle()  # a kept gather is stale now
 

@@ -176,6 +176,7 @@ def save(model: torch.nn.Module, file: PathLike, non_blocking: bool = False) -> 
     world = ctx.comms.world
     path = os.fspath(file)
     _join_background(world)
+    bmt_comm.flush_pending_writes()  # a delayed optimizer update in flight lands before the values are read
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     state = _save_to_rank0(model)
@@ -227,6 +228,7 @@ def load(model: torch.nn.Module, file: PathLike, strict: bool = True) -> _Incomp
     :class:`CheckpointError` on every rank and leaves the model as it was.
     """
     check_model_alike(model, "bmt.load")  # a rank with another model fails here, alike everywhere
+    bmt_comm.flush_pending_writes()  # a delayed update landing later would overwrite what is loaded
     world = bmt_comm.get_context().comms.world
     _join_background(world)
     state: Any = None
@@ -282,6 +284,7 @@ def load_state_into(model: torch.nn.Module, state: Mapping[str, Any], strict: bo
     With a lazy state, the children of a module spread over ranks (``children_everywhere``) are
     loaded one after another on every rank: their holders load them while the others follow.
     """
+    bmt_comm.flush_pending_writes()  # a delayed update landing later would overwrite what is loaded
     missing: list[str] = []
     unexpected: list[str] = []
     errors: list[str] = []
