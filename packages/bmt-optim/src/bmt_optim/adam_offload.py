@@ -17,23 +17,80 @@ not in it; for an fp32 parameter without decoupled decay the L2 term is inside `
 direction is the first term only): per parameter in ``state[p]["_delta_info"]`` = float32 ``[mean, var, sum, sum_sq]``,
 and over all parameters stepped by the last ``step`` in ``get_avg_delta()``/``get_var_delta()``.
 They describe this rank's shards only (no communication), as in BMTrain.
+
+Hiding the CPU (all opt-in; the default is 1.0.1's step, where everything happens in ``step``):
+
+- ``overlap=True``: gradients leave the GPU during the backward pass. When a Block's gradient is
+  final for a backward (the ``bmt_comm`` gradient-ready hook of its flat buffer), this optimizer's
+  parameters in it are copied to a host buffer on a side stream while the backward goes on;
+  ``step`` then copies only what is stale (parameters outside Blocks, gradients changed in place
+  since, e.g. by clipping) and runs the CPU Adam from host memory, each chunk's new values
+  going back to the device as soon as they are computed. Numerics are the default's exactly.
+  Costs one pinned host copy of the gradients.
+- ``overlap=True`` with ``OptimManager.update_during_backward()`` around the last backward before
+  the step: the CPU Adam of a Block's parameters starts (on a background thread) as soon as their
+  gradient is on the host, while the backward goes on; ``step`` updates the rest and waits.
+  Exact; only for unscaled, unguarded steps without clipping (see the manager's method).
+- ``delay_update=True`` (implies the gradient streaming): the one-step-delayed update. ``step``
+  hands the CPU Adam of step t to a background thread and returns; the forward and backward of
+  step t+1 run on the parameters from before it, and the next ``step`` (or ``finish_update()``,
+  a checkpoint save or load, a state dict) lands it: the new values, already copied to device
+  staging tensors, are copied into the parameters. The gradient of step t+1 is thus taken at
+  the parameters of step t-1: **this changes the training numerics** (the update uses a gradient
+  one step stale), which is why it is off by default. Costs two pinned host copies of the
+  gradients and one device copy of the parameters. An error in the background update is raised
+  by the call that lands it; the parameters then keep their old values (the optimizer state of
+  that step may be partly updated).
+
+``offload_fraction=f`` (opt-in, default 1: everything offloaded, as 1.0.1) offloads about the
+fraction ``f`` of the elements: fp16/bf16 parameters taken in order from the first parameter
+group, up to ``1 - f`` of all elements, keep their master and moments on their own device and
+are updated there by ``AdamOptimizer``'s fused kernel (for a GPU, milliseconds); the CPU updates
+the rest. Those are the first layers, whose gradients come last in backward: with
+``update_during_backward`` the CPU never waits for them. It trades device memory (12 bytes per
+element kept) for CPU time, for a GPU that has memory to spare. The kernels differ (fused GPU
+kernel or the C++ one), so results equal ``f=1``'s to rounding, not bit for bit.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
+import bmt_comm
 import torch
 
 from ._adam_base import AdamBase, ParamsT
+from ._grad_stream import GradStream
+from ._host_update import HostJob, HostResult, update_from_host
 from ._offload_pipeline import OffloadItem, OffloadPipeline, UpdateScalars
 from ._torch_adam import TorchAdamArgs, torch_adam_
 from .cpu_adam import CpuAdamBackend, cpu_adam_update, default_num_threads, warn_if_fallback
+from .kernels_adam import AdamScalars, adam_update
 
 __all__ = ["DEFAULT_CHUNK_NUMEL", "AdamOffloadOptimizer", "default_offload_threads"]
 
 DEFAULT_CHUNK_NUMEL = 1 << 24  # 16M elements: 32-64 MB per staging buffer; on an H100 host 4M-element chunks left the step 1.3x its CPU stage (per-chunk dispatch), 16M 1.15-1.2x
+
+
+class _Pending(NamedTuple):
+    """A delayed update in flight: the background job, and where its values land."""
+
+    future: concurrent.futures.Future[HostResult]
+    targets: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter data, its device staging tensor)
+    deltas: list[tuple[torch.Tensor, torch.Tensor | None]]  # for record_delta, once it has run
+
+
+@dataclass
+class _Eager:
+    """Updates started during a backward (``OptimManager.update_during_backward``)."""
+
+    groups: dict[int, dict[str, Any]]  # id(param) -> its group
+    done: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> param, update started
+    futures: list[concurrent.futures.Future[HostResult]] = field(default_factory=list)
+    deltas: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
 class AdamOffloadOptimizer(AdamBase):
@@ -42,7 +99,8 @@ class AdamOffloadOptimizer(AdamBase):
     State per parameter (host, fp32, flat 1-D): ``exp_avg``, ``exp_avg_sq``, ``_param_fp32``;
     ``step`` (int); with ``record_delta``, ``_delta_info``. Keyword-only tuning: ``chunk_numel`` (elements per pipeline chunk),
     ``num_threads`` (CPU Adam threads; default: ``default_offload_threads()``, this process's
-    share of the host's CPUs, less one with CUDA).
+    share of the host's CPUs, less one with CUDA), ``overlap``, ``delay_update`` and
+    ``offload_fraction`` (see the module's documentation).
     """
 
     def __init__(
@@ -59,6 +117,9 @@ class AdamOffloadOptimizer(AdamBase):
         decoupled_weight_decay: bool = False,
         chunk_numel: int = DEFAULT_CHUNK_NUMEL,
         num_threads: int | None = None,
+        overlap: bool = False,
+        delay_update: bool = False,
+        offload_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, hold_steps, maximize=maximize,
@@ -74,6 +135,34 @@ class AdamOffloadOptimizer(AdamBase):
         self._pipeline = OffloadPipeline(chunk_numel)
         self._num_threads = num_threads if num_threads is not None else default_offload_threads()
         self._cpu_backend: CpuAdamBackend | None = None  # None: the C++ kernel when built
+        for name, flag in (("overlap", overlap), ("delay_update", delay_update)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not (isinstance(offload_fraction, (int, float)) and 0.0 < offload_fraction <= 1.0):
+            raise ValueError(
+                f"offload_fraction must be in (0, 1], got {offload_fraction!r} (to offload nothing, use AdamOptimizer)"
+            )
+        if offload_fraction < 1.0 and record_delta:
+            raise ValueError("record_delta needs offload_fraction=1: the device kernel does not record the update's statistics")
+        self.offload_fraction = float(offload_fraction)
+        # id(param) of the parameters updated on their own device (offload_fraction < 1)
+        self._on_device = self._choose_on_device(self.offload_fraction)
+        self.overlap = overlap or delay_update  # gradients stream to the host during backward
+        self.delay_update = delay_update  # step t's update lands at step t+1 (changes numerics)
+        self._chunk_numel = chunk_numel
+        self._grads = GradStream(sets=2 if delay_update else 1) if self.overlap else None
+        if self._grads is not None:
+            self._grads.track(self._offloaded())
+        self._h2d: dict[torch.device, torch.cuda.Stream] = {}  # why: new values go back while the CPU works on
+        self._outs: dict[int, torch.Tensor] = {}  # id(param) -> host output buffer, where grad and param dtypes differ
+        self._staging: dict[int, torch.Tensor] = {}  # id(param) -> device copy the delayed update writes
+        self._pending: _Pending | None = None
+        self._eager: _Eager | None = None  # updates started during this step's backward (update_during_backward)
+        # seconds inside the CPU Adam calls of the last update that finished (overlap / delay_update only)
+        self.cpu_update_seconds = 0.0
+        # why one worker: updates run in the order they were started, one CPU Adam at a time
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, "bmt-offload-adam") if self.overlap else None
+        self._flush = bmt_comm.register_pending_writes(self.finish_update) if delay_update else None
         warn_if_fallback()
 
     def _update(
@@ -109,38 +198,321 @@ class AdamOffloadOptimizer(AdamBase):
             with torch.enable_grad():
                 loss = closure()
         scale = self._check_scale(scale)
+        self.finish_update()  # the delayed update of the last step lands before this one starts
         work = self._params_to_update()
         for _, p, grad in work:
-            if not p.is_contiguous() or not grad.is_contiguous():
-                raise ValueError(
-                    f"{type(self).__name__} needs contiguous parameters and gradients "
-                    f"(param stride {p.stride()}, grad stride {grad.stride()})"
-                )
-        items = []
-        for group, p, grad in work:
-            state = self.state[p]
-            if not state:
-                state.update(self._new_state(p))
-            state["step"] += 1
-            items.append(
-                OffloadItem(
-                    param=p.data.view(-1),
-                    grad=grad.view(-1),
-                    master=state["_param_fp32"],
-                    exp_avg=state["exp_avg"],
-                    exp_avg_sq=state["exp_avg_sq"],
-                    scalars=(
-                        self._torch_args(group, state["step"], scale)
-                        if p.dtype == torch.float32
-                        else self._scalars(group, state["step"], scale)
-                    ),
-                    delta=torch.zeros(2, dtype=torch.float64) if self.record_delta else None,
-                )
-            )
-        self._pipeline.run(items, self._update)
+            self._check_contiguous(p, grad)
+        eager, self._eager = self._eager, None
+        if eager is not None:
+            work = self._finish_eager_checks(eager, work, scale)
+        landing = self._device_update([w for w in work if id(w[1]) in self._on_device], scale)
+        work = [w for w in work if id(w[1]) not in self._on_device]
+        items = [self._item(group, p, grad, scale) for group, p, grad in work]
+        deltas = [(p, it.delta) for (_, p, _), it in zip(work, items, strict=True)]
+        if eager is not None:
+            self._step_after_eager(eager, work, items, deltas)
+            return loss
+        if self._grads is None:
+            self._pipeline.run(items, self._update)
+        else:
+            self._step_from_host(work, items, deltas, landing)
+            return loss
         if self.record_delta:
-            self._record_delta([(p, it.delta) for (_, p, _), it in zip(work, items, strict=True)])
+            self._record_delta(deltas)
         return loss
+
+    # --- offload_fraction: the part updated on the parameters' own device -----------------------
+    def _choose_on_device(self, fraction: float) -> set[int]:
+        """fp16/bf16 parameters in order, up to ``1 - fraction`` of all elements."""
+        if fraction >= 1.0:
+            return set()
+        params = [p for g in self.param_groups for p in g["params"]]
+        budget = (1.0 - fraction) * sum(p.numel() for p in params)
+        chosen: set[int] = set()
+        used = 0
+        for p in params:
+            if p.dtype in (torch.float16, torch.bfloat16) and used + p.numel() <= budget:
+                chosen.add(id(p))
+                used += p.numel()
+        return chosen
+
+    def _offloaded(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if id(p) not in self._on_device]
+
+    def _staging_for(self, p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        staging = self._staging.get(id(p))
+        if staging is None or staging.shape != target.shape or staging.dtype != target.dtype:
+            staging = self._staging[id(p)] = torch.empty_like(target)
+        return staging
+
+    def _device_update(
+        self, work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]], scale: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The fused kernel on the parameters kept on their device (queued on the current stream);
+        delayed, into staging tensors: returns the (parameter, staging) pairs to land."""
+        landing = []
+        for group, p, grad in work:
+            it = self._item(group, p, grad, scale)
+            target = it.param
+            if self.delay_update:
+                staging = self._staging_for(p, target)
+                landing.append((target, staging))
+                target = staging
+            assert isinstance(it.scalars, AdamScalars)
+            adam_update(target, grad.reshape(-1), it.master, it.exp_avg, it.exp_avg_sq, it.scalars)
+        return landing
+
+    def _check_contiguous(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        if not p.is_contiguous() or not grad.is_contiguous():
+            raise ValueError(
+                f"{type(self).__name__} needs contiguous parameters and gradients "
+                f"(param stride {p.stride()}, grad stride {grad.stride()})"
+            )
+
+    def _item(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, scale: float) -> OffloadItem:
+        """Count the step of ``p`` and describe its update."""
+        state = self.state[p]
+        if not state:
+            state.update(self._new_state(p))
+        state["step"] += 1
+        return OffloadItem(
+            param=p.data.view(-1),
+            grad=grad.view(-1),
+            master=state["_param_fp32"],
+            exp_avg=state["exp_avg"],
+            exp_avg_sq=state["exp_avg_sq"],
+            scalars=(
+                self._torch_args(group, state["step"], scale)
+                if p.dtype == torch.float32
+                else self._scalars(group, state["step"], scale)
+            ),
+            delta=torch.zeros(2, dtype=torch.float64) if self.record_delta else None,
+        )
+
+    # --- update during backward (OptimManager.update_during_backward) ------------------------
+    def _arm_backward_update(self) -> None:
+        """Until ``_disarm_backward_update``, each gradient that this optimizer's copies bring to
+        the host is final: its update starts at once, on the background thread."""
+        if self._grads is None or self.delay_update:
+            raise ValueError(
+                "update_during_backward() needs AdamOffloadOptimizer(overlap=True) without delay_update "
+                f"(this one has overlap={self.overlap}, delay_update={self.delay_update})"
+            )
+        if self._eager is not None:
+            raise RuntimeError(
+                "update_during_backward(): an update already started during an earlier backward since the last "
+                "step(); only the last micro-batch's backward may run inside update_during_backward()"
+            )
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        self._eager = _Eager(groups)
+        self._grads.on_copied = self._update_in_backward
+
+    def _disarm_backward_update(self) -> None:
+        if self._grads is not None:
+            self._grads.on_copied = None
+
+    def _update_in_backward(self, indices: list[int], produced_on: torch.cuda.Stream | None) -> None:
+        eager, grads = self._eager, self._grads
+        assert eager is not None and grads is not None
+        jobs, copies = [], []
+        for i in indices:
+            p = grads.param(i)
+            group = eager.groups.get(id(p))
+            if group is None or p.grad is None or not p.requires_grad:
+                continue
+            if id(p) in eager.done:
+                raise RuntimeError(
+                    f"update_during_backward(): the gradient of a parameter of shape {tuple(p.shape)} became final "
+                    "twice in one backward (a Block run twice in the forward?) after its update had started; run "
+                    "this backward outside update_during_backward()"
+                )
+            grad = p.grad
+            self._check_contiguous(p, grad)
+            item = self._item(group, p, grad, 1.0)
+            host, event = grads.copied(i)
+            out = host if host.dtype == p.dtype else self._out_buffer(p)
+            jobs.append(HostJob(item._replace(grad=host), host, out, item.param))  # no reference to the device gradient
+            copies.append(event)
+            eager.done[id(p)] = p
+            eager.deltas.append((p, item.delta))
+        if not jobs:
+            return
+        after = self._queued_readers([job.target for job in jobs], produced_on)
+        landed = {e for e in copies if e is not None}
+
+        def run() -> HostResult:
+            for e in landed:
+                e.synchronize()  # the gradient is on the host
+            return update_from_host(jobs, self._update, self._chunk_numel, self._h2d, after)
+
+        assert self._worker is not None
+        eager.futures.append(self._worker.submit(run))
+
+    def _queued_readers(
+        self, targets: list[torch.Tensor], also: torch.cuda.Stream | None = None
+    ) -> dict[torch.device, list[torch.cuda.Event]]:
+        """Events after the work queued so far that may read ``targets`` (on the current stream and
+        on ``also``): their host->device copies wait for them."""
+        after: dict[torch.device, list[torch.cuda.Event]] = {}
+        for t in targets:
+            if t.device.type != "cuda" or t.device in after:
+                continue
+            self._h2d_stream(t.device)
+            streams = [torch.cuda.current_stream(t.device)]
+            if also is not None and also != streams[0]:
+                streams.append(also)
+            events = []
+            for stream in streams:
+                ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                ev.record(stream)
+                events.append(ev)
+            after[t.device] = events
+        return after
+
+    def _finish_eager_checks(
+        self, eager: _Eager, work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]], scale: float
+    ) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+        """The parameters still to update at the step (the others were updated during backward)."""
+        grads = self._grads
+        assert grads is not None
+        if eager.done and scale != 1.0:
+            raise ValueError(f"the update during backward ran unscaled, but step() got scale={scale}")
+        for p in eager.done.values():
+            if not grads.is_current(p):
+                raise RuntimeError(
+                    f"the gradient of a parameter of shape {tuple(p.shape)} changed after its update started during "
+                    "backward (update_during_backward()): clip or edit gradients only without it"
+                )
+        return [(g, p, grad) for g, p, grad in work if id(p) not in eager.done]
+
+    def _step_after_eager(
+        self,
+        eager: _Eager,
+        work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]],
+        items: list[OffloadItem],
+        deltas: list[tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> None:
+        """Update the rest (parameters outside Blocks) after those started during backward, on the
+        same thread, then wait for all of them."""
+        grads, worker = self._grads, self._worker
+        assert grads is not None and worker is not None
+        hosts = grads.collect([p for _, p, _ in work])
+        jobs = [
+            HostJob(it._replace(grad=host), host, host if host.dtype == p.dtype else self._out_buffer(p), it.param)
+            for (_, p, _), it, host in zip(work, items, hosts, strict=True)
+        ]
+        after = self._queued_readers([job.target for job in jobs])
+        rest = worker.submit(update_from_host, jobs, self._update, self._chunk_numel, self._h2d, after)
+        done: dict[torch.device, torch.cuda.Event] = {}
+        self.cpu_update_seconds = 0.0
+        for f in [*eager.futures, rest]:
+            result = f.result()
+            done.update(result.done)  # in order: the last event per device follows every earlier copy there
+            self.cpu_update_seconds += result.cpu_seconds
+        for device, event in done.items():
+            grads.set_free_event(grads.current, device, event)
+            torch.cuda.current_stream(device).wait_event(event)  # later work sees the new parameters
+        if self.record_delta:
+            self._record_delta(eager.deltas + deltas)
+
+    # --- overlap / delay_update --------------------------------------------------------------
+    def _h2d_stream(self, device: torch.device) -> torch.cuda.Stream:
+        s = self._h2d.get(device)
+        if s is None:
+            s = self._h2d[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        return s
+
+    def _step_from_host(
+        self,
+        work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]],
+        items: list[OffloadItem],
+        deltas: list[tuple[torch.Tensor, torch.Tensor | None]],
+        landing: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """``landing``: (parameter, staging) pairs of the device part's delayed update."""
+        grads = self._grads
+        assert grads is not None
+        grads.track(self._offloaded())
+        hosts = grads.collect([p for _, p, _ in work])
+        jobs, targets = [], list(landing)
+        for (_, p, _), it, host in zip(work, items, hosts, strict=True):
+            out = host if host.dtype == p.dtype else self._out_buffer(p)
+            target = it.param
+            if self.delay_update:
+                staging = self._staging_for(p, target)
+                targets.append((target, staging))
+                target = staging
+            # the job holds no reference to the device gradient: a delayed job outlives the step, and
+            # would keep the gradient's memory beside the one the next backward allocates
+            jobs.append(HostJob(it._replace(grad=host), host, out, target))
+        # the compute queued so far may still read the targets (or, delayed, the last landing reads staging)
+        after = self._queued_readers([job.target for job in jobs])
+        used = grads.current
+        if self.delay_update:
+            assert self._worker is not None
+            grads.flip()  # the next backward fills the other host copy while this one is read
+
+            def run() -> HostResult:
+                result = update_from_host(jobs, self._update, self._chunk_numel, self._h2d, after)
+                for device, event in result.done.items():
+                    grads.set_free_event(used, device, event)
+                return result
+
+            self._pending = _Pending(self._worker.submit(run), targets, deltas)
+            return
+        result = update_from_host(jobs, self._update, self._chunk_numel, self._h2d, after)
+        self.cpu_update_seconds = result.cpu_seconds
+        for device, event in result.done.items():
+            grads.set_free_event(used, device, event)
+            torch.cuda.current_stream(device).wait_event(event)  # later work sees the new parameters
+        if self.record_delta:
+            self._record_delta(deltas)
+
+    def _out_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        out = self._outs.get(id(p))
+        if out is None or out.numel() != p.numel() or out.dtype != p.dtype:
+            out = torch.empty(p.numel(), dtype=p.dtype, pin_memory=p.device.type == "cuda")
+            self._outs[id(p)] = out
+        return out
+
+    @property
+    def update_pending(self) -> bool:
+        """A delayed update was computed (or is being computed) and has not landed yet."""
+        return self._pending is not None
+
+    def finish_update(self) -> None:
+        """Land the delayed update still in flight (nothing to do without one): wait for the
+        background Adam, then copy its new values into the parameters (on the current stream)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        result = pending.future.result()  # re-raises an error of the background update; parameters stay as they were
+        self.cpu_update_seconds = result.cpu_seconds
+        for device, event in result.done.items():
+            torch.cuda.current_stream(device).wait_event(event)
+        with torch.no_grad():
+            for param, staging in pending.targets:
+                param.copy_(staging)
+        if self.record_delta:
+            self._record_delta(pending.deltas)
+
+    def state_dict(self, gather: bool = False) -> dict[str, Any]:  # type: ignore[override]
+        self.finish_update()  # the state and the parameters describe the same step
+        return super().state_dict(gather)
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        self.finish_update()  # a landing after the load would overwrite what it loaded
+        super().load_state_dict(state_dict)
+
+    def __del__(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            # no wait: the jobs hold this optimizer, so none is left when it is collected (and this
+            # may run on the worker thread itself, which cannot join itself)
+            worker.shutdown(wait=False)
+        grads = getattr(self, "_grads", None)
+        if grads is not None:
+            grads.close()
 
     def _record_delta(self, sums: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         total, total_sq, count = 0.0, 0.0, 0
@@ -164,11 +536,14 @@ class AdamOffloadOptimizer(AdamBase):
         rank (0 without ``record_delta``)."""
         return self._var_delta if self.record_delta else 0.0
 
+    def _state_device(self, p: torch.Tensor) -> torch.device:
+        return p.device if id(p) in getattr(self, "_on_device", ()) else torch.device("cpu")
+
     def _place(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1).to("cpu", torch.float32, copy=True)
+        return t.reshape(-1).to(self._state_device(p), torch.float32, copy=True)
 
     def _zeros(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(p.numel(), dtype=torch.float32)
+        return torch.zeros(p.numel(), dtype=torch.float32, device=self._state_device(p))
 
     def _has_master(self, p: torch.Tensor) -> bool:
         return True

@@ -8,6 +8,7 @@ so the kernel unscales in the same pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -111,6 +112,7 @@ class OptimManager:
         self.skipped_steps = 0  # steps skipped for an inf/nan (overflow or guard), on every rank alike
         # set by clip_grad_norm (a device tensor, no sync) when its norm was inf/nan; read by step()
         self._norm_flag: torch.Tensor | None = None
+        self._updated_in_backward = False  # update_during_backward() ran since the last step
 
     @property
     def _guarded(self) -> bool:
@@ -138,6 +140,40 @@ class OptimManager:
             # the last reduce-scatters of gradients run on the load stream: make them visible
             wait_stream(current_stream(ctx.device), ctx.streams.load)
 
+    @contextlib.contextmanager
+    def update_during_backward(self) -> Iterator[None]:
+        """Opt-in: the backward run inside this context is the last before ``step()``, and each
+        gradient is final as soon as its Block's backward is done: an optimizer that can
+        (``AdamOffloadOptimizer(overlap=True)``) starts its CPU update of those parameters right
+        then, while the backward goes on; ``step()`` updates the rest and waits for all.
+
+        Only for an unguarded, unscaled step (``OptimManager(loss_scale=None,
+        skip_nonfinite=False)``): an update that starts before the backward ends cannot be undone
+        for an inf/nan found later, and gradients cannot be clipped after it (``clip_grad_norm``
+        then raises). With accumulation, run only the last micro-batch's backward inside it.
+        """
+        if self.loss_scale_enabled or self.skip_nonfinite:
+            raise ValueError(
+                "update_during_backward() needs OptimManager(loss_scale=None, skip_nonfinite=False): an update "
+                "that starts before the backward ends cannot be skipped for an inf/nan found later "
+                f"(this manager has loss_scale={self.loss_scale if self.loss_scale_enabled else None}, "
+                f"skip_nonfinite={self.skip_nonfinite})"
+            )
+        armed = [opt for opt in self.optimizers if callable(getattr(opt, "_arm_backward_update", None))]
+        if not armed:
+            raise ValueError(
+                "update_during_backward() needs an optimizer that can update during backward: "
+                f"AdamOffloadOptimizer(overlap=True); this manager has {[type(o).__name__ for o in self.optimizers]}"
+            )
+        for opt in armed:
+            opt._arm_backward_update()  # type: ignore[attr-defined]
+        self._updated_in_backward = True
+        try:
+            yield
+        finally:
+            for opt in armed:
+                opt._disarm_backward_update()  # type: ignore[attr-defined]
+
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero gradients in place, as 1.0.1 does (Blocks' gradients are views into flat buffers).
 
@@ -164,6 +200,11 @@ class OptimManager:
         ``min(1, max_norm / (norm + eps))`` as in ``torch.nn.utils.clip_grad_norm_``.
         """
         parse_norm_type(norm_type)
+        if self._updated_in_backward:
+            raise RuntimeError(
+                "clip_grad_norm() after update_during_backward(): the update already used the unclipped gradients; "
+                "clip only in steps whose backward runs outside update_during_backward()"
+            )
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
         params = [p for group in param_groups for p in group["params"]]
@@ -218,6 +259,11 @@ class OptimManager:
     def step(self) -> bool:
         """Step every optimizer then its scheduler; False if an inf/nan skipped the step."""
         self.step_count += 1
+        self._updated_in_backward = False
+        for opt in self.optimizers:
+            finish = getattr(opt, "finish_update", None)
+            if finish is not None:
+                finish()  # a delayed update of the last step lands first, even if this step is skipped
         found, here = False, False
         if self.loss_scale_enabled or self._guarded:
             found, here = self._found_overflow()

@@ -1,0 +1,49 @@
+"""``AdamOffloadOptimizer`` hiding the CPU, on one GPU: ``overlap=True`` (gradient copies on their
+side stream during backward), ``OptimManager.update_during_backward()`` (the CPU Adam started
+from the autograd thread, new values copied back while the backward goes on), ``delay_update``
+(the background thread and the device staging tensors) and ``offload_fraction`` (the fused
+Triton kernel for the part kept on the GPU), with the same assertions as the CPU tests:
+bit-identical to the default offload step; the delayed scheme equal to plain torch's within
+1e-6; the partial offload equal to the full one to rtol=1e-5.
+
+Run on a GPU host: ``python -m pytest tests/gpu/test_offload_overlap_gpu.py -v``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ..ckpt.test_offload_overlap import (
+    _delayed_matches_reference,
+    _eager_is_exact,
+    _eager_rules,
+    _overlap_is_exact,
+    _partial_offload,
+)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.world_size(1)]
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_overlap_is_exact_on_gpu(spawn: Any, dtype_name: str) -> None:
+    spawn(_overlap_is_exact, dtype_name, True)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_update_during_backward_is_exact_on_gpu(spawn: Any, dtype_name: str) -> None:
+    spawn(_eager_is_exact, dtype_name, True)
+
+
+def test_update_during_backward_rules_on_gpu(spawn: Any) -> None:
+    spawn(_eager_rules)
+
+
+def test_delayed_update_on_gpu(spawn: Any, tmp_path: Any) -> None:
+    spawn(_delayed_matches_reference, str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["step", "overlap", "eager", "delayed"])
+def test_partial_offload_on_gpu(spawn: Any, mode: str) -> None:
+    spawn(_partial_offload, mode)
