@@ -1,7 +1,7 @@
 """The training benchmark of record: the yardstick trained with bmt, PyTorch FSDP2 and plain torch.
 
     python3 benchmarks/train/bench_train.py --config 1b --mb 4 [--ckpt full|recompute_all|selective|none] [--compile]
-        [--accum N] [--offload] [--impls plain,fsdp2,bmt] [--nproc N] [--out results.jsonl]
+        [--accum N] [--offload [step|overlap|eager|delayed]] [--impls plain,fsdp2,bmt] [--nproc N] [--out results.jsonl]
 
 One job, the runners one after the other, each in fresh processes launched with torchrun on every
 visible GPU (plain torch on one GPU only: it is the reference a sharding library is measured by):
@@ -50,7 +50,13 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
                    help="activation checkpointing of every layer (selective: keep matmul and attention outputs; "
                         "recompute_all: full, bmt through checkpoint_policy='recompute_all', the peers as for full)")
     p.add_argument("--compile", action="store_true", help="torch.compile every layer (bmt: Block(compile=True))")
-    p.add_argument("--offload", action="store_true", help="bmt only: AdamOffloadOptimizer (CPU Adam)")
+    p.add_argument("--offload", nargs="?", const="step", default=None, choices=("step", "overlap", "eager", "delayed"),
+                   help="bmt only: AdamOffloadOptimizer (CPU Adam); step: everything in step() (1.0.1), overlap: "
+                        "gradients copied to the host during backward (overlap=True), eager: overlap plus the CPU Adam "
+                        "started during the last backward (OptimManager.update_during_backward(); needs --no-guard), "
+                        "delayed: the one-step-delayed update (delay_update=True, changes numerics)")
+    p.add_argument("--offload-fraction", type=float, default=1.0,
+                   help="with --offload: AdamOffloadOptimizer(offload_fraction=...), the share of elements updated on the CPU")
     p.add_argument("--no-guard", action="store_true", help="bmt only: OptimManager(skip_nonfinite=False)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated runners, in order")
     p.add_argument("--nproc", type=int, default=None, help="GPUs for fsdp2 and bmt (default: every visible GPU)")
@@ -70,6 +76,9 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--impls takes {', '.join(IMPLS)}; got {', '.join(bad)}")
     if args.offload and args.impls != "bmt":
         p.error("--offload runs the bmt runner only: pass --impls bmt")
+    if args.offload == "eager" and not args.no_guard:
+        p.error("--offload eager starts the update before the backward ends, which the non-finite guard forbids: "
+                "add --no-guard")
     return args
 
 
@@ -129,7 +138,8 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     device = torch.cuda.get_device_name(0)
     print(f"\n{args.config} mb {args.mb} accum {args.accum} ckpt {args.ckpt}{' compile' if args.compile else ''}"
-          f"{' offload' if args.offload else ''}"
+          f"{f' offload={args.offload}' if args.offload else ''}"
+          f"{f' offload_fraction={args.offload_fraction}' if args.offload and args.offload_fraction < 1 else ''}"
           f"{' no-guard' if args.no_guard else ''}, {device} x{nproc}, torch {torch.__version__}, {date}")
     if matmul is not None:
         print(f"bf16 matmul rate measured: {matmul['tflops']:.0f} TFLOP/s")
@@ -140,10 +150,13 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
             continue
         print(f"{r['impl']:6} {r['gpus']:>4} {r['step_ms']:>8.1f} {r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>6.1%} "
               f"{r['peak_gib']:>9.1f} {r.get('vs_plain', float('nan')):>8.3f} {r.get('vs_fsdp2', float('nan')):>8.3f}")
+        if "cpu_adam_ms" in r:
+            print(f"{'':6} CPU Adam {r['cpu_adam_ms']:.0f} ms per step (inside the kernel calls)")
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
                 r.update(config=args.config, mb=args.mb, accum=args.accum, ckpt=args.ckpt, compile=args.compile, offload=args.offload,
+                         offload_fraction=args.offload_fraction if args.offload else None,
                          guard=not args.no_guard, device=device, torch=torch.__version__, date=date)
                 f.write(json.dumps(r) + "\n")
     return 0 if all(not r.get("failed") for r in rows) else 1
@@ -170,7 +183,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The parent's settings for a worker (never ``--out``: only the parent writes that file)."""
     argv = ["--config", args.config, "--mb", str(args.mb), "--accum", str(args.accum), "--ckpt", args.ckpt,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--impls", args.impls]
-    return argv + ["--offload"] * args.offload + ["--no-guard"] * args.no_guard + ["--compile"] * args.compile
+    return argv + (["--offload", args.offload, "--offload-fraction", str(args.offload_fraction)] if args.offload else []) + ["--no-guard"] * args.no_guard + ["--compile"] * args.compile
 
 
 def main(argv: list[str] | None = None) -> int:

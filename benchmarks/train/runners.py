@@ -115,19 +115,34 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
     model.layers = bmt.TransformerBlockList(blocks)  # type: ignore[assignment]
     bmt.BMTrainModelWrapper(model)
     torch.cuda.empty_cache()
-    opt_cls = bmt.optim.AdamOffloadOptimizer if args.offload else bmt.optim.AdamOptimizer
-    opt = opt_cls(model.parameters(), lr=LR)
+    if args.offload:
+        opt = bmt.optim.AdamOffloadOptimizer(model.parameters(), lr=LR, overlap=args.offload in ("overlap", "eager"),
+                                             delay_update=args.offload == "delayed",
+                                             offload_fraction=args.offload_fraction)
+    else:
+        opt = bmt.optim.AdamOptimizer(model.parameters(), lr=LR)
     manager = bmt.optim.OptimManager(loss_scale=None, skip_nonfinite=not args.no_guard)
     manager.add_optimizer(opt)
     cos, sin = rotary_tables(cfg, torch.device("cuda"))
     batches = _batches(cfg, args.mb, args.accum)
 
+    eager = args.offload == "eager"
+
     def step() -> None:
-        for ids, targets in batches:
-            manager.backward(model(ids, targets, cos, sin) / len(batches))
+        for k, (ids, targets) in enumerate(batches):
+            loss = model(ids, targets, cos, sin) / len(batches)
+            if eager and k == len(batches) - 1:  # the last backward: each Block's CPU Adam starts when it is done
+                with manager.update_during_backward():
+                    manager.backward(loss)
+            else:
+                manager.backward(loss)
         manager.step()
         manager.zero_grad(set_to_none=True)  # as the peers' opt.zero_grad(set_to_none=True): no gradients between steps
+        if args.offload and args.offload != "step":
+            cpu_adam_s.append(opt.cpu_update_seconds)  # type: ignore[union-attr]
 
+    cpu_adam_s: list[float] = []
+    step.extra = lambda: {"cpu_adam_ms": statistics.median(cpu_adam_s[-args.steps:]) * 1e3} if cpu_adam_s else {}  # type: ignore[attr-defined]
     return step
 
 
@@ -156,7 +171,9 @@ def time_steps(runner: Callable[[Config, argparse.Namespace], Step], args: argpa
     peak = torch.tensor([torch.cuda.max_memory_allocated()], device="cuda", dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    extra = getattr(step, "extra", None)
     return {
+        **(extra() if extra is not None else {}),
         "impl": runner.__name__.replace("_runner", ""),
         "params": parameter_count(cfg),
         "gpus": world,
