@@ -133,7 +133,7 @@ def test_overlap_is_exact_sharded(spawn: Any, world_size: int) -> None:
 def _delayed_matches_reference(tmp: str) -> None:
     import bmt_comm
     from bmt_optim import AdamOffloadOptimizer, OptimManager
-    from bmt_zero.store import save
+    from bmt_zero.store import save, save_sharded
 
     cfg = Config()
     mask = causal_mask(cfg.seq).to(_device())
@@ -175,10 +175,13 @@ def _delayed_matches_reference(tmp: str) -> None:
             check("after state_dict()", master)
             for p, q in zip(visible.parameters(), master, strict=True):
                 p.data.copy_(q.detach())
-        if step == 3:
-            save(model, os.path.join(tmp, "model.pt"))  # bmt.save lands it too (bmt_comm.flush_pending_writes)
+        if step in (2, 3):
+            if step == 2:  # bmt.store.save_sharded lands it (bmt_comm.flush_pending_writes)
+                save_sharded(model, os.path.join(tmp, "sharded"))
+            else:  # and bmt.save
+                save(model, os.path.join(tmp, "model.pt"))
             assert not opt.update_pending
-            check("after save", master)
+            check(f"after the save of step {step}", master)
             for p, q in zip(visible.parameters(), master, strict=True):
                 p.data.copy_(q.detach())
     # a skipped step still lands the update of the step before it, and starts none

@@ -209,6 +209,7 @@ def save_sharded(model: torch.nn.Module, directory: str | os.PathLike[str]) -> N
     writes the pieces it holds, the metadata describes every rank's tensors.
     """
     check_model_alike(model, "save_sharded")  # a rank with another model fails here, alike everywhere
+    bmt_comm.flush_pending_writes()  # a delayed optimizer update in flight lands before the values are read
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
     tp = ctx.comms.tp
@@ -516,6 +517,7 @@ def load_sharded(model: torch.nn.Module, directory: str | os.PathLike[str], stri
     for the whole model on every rank (also where a rank holds a part of it: a pipeline stage).
     """
     check_model_alike(model, "load_sharded")  # a rank with another model fails here, alike everywhere
+    bmt_comm.flush_pending_writes()  # a delayed update landing later would overwrite what is loaded
     ctx = bmt_comm.get_context()
     world = ctx.comms.world
     path = os.path.abspath(os.fspath(directory))

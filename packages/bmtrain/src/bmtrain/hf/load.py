@@ -157,6 +157,7 @@ def load_pretrained(
     shard (of its tensor-parallel slice); other tensors are read whole. Ranks must see the same
     directory.
     """
+    bmt_comm.flush_pending_writes()  # a delayed update landing later would overwrite what is loaded
     path = os.fspath(directory)
     mapping = key_mapping or IDENTITY
     ctx = bmt_comm.get_context()

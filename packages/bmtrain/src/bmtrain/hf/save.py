@@ -157,6 +157,7 @@ def save_pretrained(
     directory appears complete or not at all (written under a temporary name, then renamed); an
     existing one is replaced. A failure on rank 0 is raised on every rank.
     """
+    bmt_comm.flush_pending_writes()  # a delayed optimizer update in flight lands before the values are read
     ctx = bmt_comm.get_context()
     max_bytes = parse_size(max_shard_size)
     mapping = key_mapping or IDENTITY
