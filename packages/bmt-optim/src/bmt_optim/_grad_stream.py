@@ -196,9 +196,13 @@ class GradStream:
             host = c.host[self.current]
             assert host is not None
             out.append(host)
+        self.forget()
+        return out
+
+    def forget(self) -> None:
+        """The gradients were zeroed or dropped: no copy describes them any more."""
         for c in self._copies:
             c.mark, c.event = None, None
-        return out
 
     def set_free_event(self, index: int, device: torch.device, event: torch.cuda.Event) -> None:
         """``event`` follows the last read of set ``index``'s memory by copies to ``device``."""

@@ -100,7 +100,9 @@ class AdamOffloadOptimizer(AdamBase):
     ``step`` (int); with ``record_delta``, ``_delta_info``. Keyword-only tuning: ``chunk_numel`` (elements per pipeline chunk),
     ``num_threads`` (CPU Adam threads; default: ``default_offload_threads()``, this process's
     share of the host's CPUs, less one with CUDA), ``overlap``, ``delay_update`` and
-    ``offload_fraction`` (see the module's documentation).
+    ``offload_fraction`` (see the module's documentation). ``cpu_update_seconds``: the time
+    spent in the CPU Adam calls of the last update that finished (with ``overlap`` or
+    ``delay_update``).
     """
 
     def __init__(
@@ -495,6 +497,11 @@ class AdamOffloadOptimizer(AdamBase):
                 param.copy_(staging)
         if self.record_delta:
             self._record_delta(pending.deltas)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        if self._grads is not None:
+            self._grads.forget()  # a new gradient could sit where the old one was copied from
 
     def state_dict(self, gather: bool = False) -> dict[str, Any]:  # type: ignore[override]
         self.finish_update()  # the state and the parameters describe the same step
