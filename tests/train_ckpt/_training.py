@@ -33,6 +33,8 @@ class Plan:
     snapshot_at: tuple[int, ...] = ()  # gathered model + optimizer state after these steps (0: before)
     dtype: str = "float32"
     head: int = 16  # the head's output width: another value makes another model
+    flat: bool = False  # the optimizer holds the Blocks' flat shards (bmt_zero.grouped_parameters), not the parameters
+    legacy_layout: bool = False  # save flat shards' layout as checkpoints did before they were recognised
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,7 +62,13 @@ def build(plan: Plan) -> tuple[torch.nn.Module, Any, Any]:
 
     model = Net()
     adam = AdamOptimizer if plan.optimizer == "adam" else AdamOffloadOptimizer
-    opt = adam(model.parameters(), lr=1e-2, weight_decay=0.01)
+    if plan.flat:
+        from bmt_zero import grouped_parameters
+
+        params = [p for _, ps in grouped_parameters(model) for p in ps]
+    else:
+        params = list(model.parameters())
+    opt = adam(params, lr=1e-2, weight_decay=0.01)
     sched = Cosine(opt, start_lr=1e-2, warmup_iter=2, end_iter=10)
     manager = OptimManager(loss_scale=2.0**10, loss_scale_steps=2, max_loss_scale=2.0**12)
     manager.add_optimizer(opt, sched)
@@ -86,6 +94,12 @@ def run(plan: Plan) -> dict[str, Any]:
 
     ctx = bmt_comm.get_context()
     rank, world = ctx.rank, ctx.world_size
+    if plan.legacy_layout:
+        import functools
+
+        from bmtrain.checkpoint import _optim, save
+
+        save.layout_of = functools.partial(_optim.layout_of, legacy=True)  # type: ignore[assignment]
     model, opt, manager = build(plan)
     start, info = 0, None
     if plan.load:

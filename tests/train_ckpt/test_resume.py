@@ -119,6 +119,58 @@ def test_resume_at_another_world_size_recuts_model_and_optimizer(
     assert abs(mean[0] - mean[1]) <= 1e-6 * abs(mean[0])
 
 
+def _content_equal(a: dict, b: dict, what: str, close: bool) -> None:
+    """Flat shards' gathered states, whose whole buffers are padded to the group size: equal over
+    the shorter one, the longer one zero beyond it."""
+    for i, sa in a.items():
+        sb = b[i]
+        assert sa["step"] == sb["step"], f"{what}: step of parameter {i}"
+        for k in ("exp_avg", "exp_avg_sq"):
+            x, y = sa[k].reshape(-1), sb[k].reshape(-1)
+            n = min(x.numel(), y.numel())
+            if close:
+                torch.testing.assert_close(x[:n], y[:n], rtol=1e-5, atol=1e-6, msg=lambda m, k=k, i=i: f"{what}: {k} of {i}: {m}")
+            else:
+                assert torch.equal(x[:n], y[:n]), f"{what}: {k} of flat parameter {i}"
+            assert not x[n:].any() and not y[n:].any(), f"{what}: the padding of {k} of {i} is not zero"
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "offload"])
+@pytest.mark.parametrize("new_world", [1, 4])
+def test_resume_of_flat_shards_at_another_world_size(tmp_path: Path, optimizer: str, new_world: int) -> None:
+    """An optimizer over ``bmt.grouped_parameters(model)`` (the Blocks' flat shards, padded to the
+    group size): re-cut by the elements that hold parameters; the padding starts at zero."""
+    root = str(tmp_path / "ckpt")
+    base = Plan(optimizer=optimizer, dropout=0.0, stop=6, flat=True)
+    whole = _run(2, replace(base, root=root, save_at=(3,), snapshot_at=(3, 6)))
+    resumed = _run(new_world, replace(base, root=root, load=True, snapshot_at=(3, 6)))
+    assert resumed[0]["info"].resharded
+    saved, loaded = whole[0]["snapshots"][3], resumed[0]["snapshots"][3]
+    assert_same(loaded["model"], saved["model"], "the model re-cut")
+    _content_equal(loaded["optim"], saved["optim"], f"flat optimizer state re-cut from 2 to {new_world} ranks", False)
+    end_a, end_b = whole[0]["snapshots"][6], resumed[0]["snapshots"][6]
+    _close(end_b["model"], end_a["model"], "parameters after step 6")
+    _content_equal(end_b["optim"], end_a["optim"], "flat optimizer state after step 6", True)
+
+
+def test_a_checkpoint_with_the_old_flat_layout_loads_at_the_same_size(tmp_path: Path) -> None:
+    """Checkpoints written before flat shards were recognised (recorded as whole tensors) still
+    resume bitwise at the world size they were saved at."""
+    root = str(tmp_path / "ckpt")
+    base = Plan(dropout=0.0, stop=5, flat=True, snapshot_at=(5,))
+    whole = _run(2, replace(base, root=root, save_at=(3,), legacy_layout=True))
+    resumed = _run(2, replace(base, root=root, load=True))
+    assert not resumed[0]["info"].resharded
+    assert_same(resumed[0]["snapshots"][5], whole[0]["snapshots"][5], "resumed from the old layout")
+
+
+def test_flat_shards_against_parameters_is_named(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    _run(2, Plan(dropout=0.0, stop=3, root=root, save_at=(3,)))
+    with pytest.raises(Exception, match=r"with 23 parameters, this optimizer has 3 \(an optimizer over model.parameters"):
+        _run(1, Plan(dropout=0.0, stop=4, root=root, load=True, flat=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer", ["adam", "offload"])
 def test_bf16_resume_on_cuda_is_bitwise(tmp_path: Path, optimizer: str) -> None:

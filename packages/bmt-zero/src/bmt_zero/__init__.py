@@ -9,7 +9,7 @@ state-dict pieces (``load_distributed_param``, ``load_plain_tensor``, ``state_ds
 
 from . import nn
 from .agreement import check_agreement
-from .flat_storage import BufferState, FlatStorage, ReduceHandle
+from .flat_storage import BufferState, FlatInfo, FlatStorage, ReduceHandle, flat_info
 from .gather import gather_for_state, gather_full, gather_to, keeps_state, state_dst
 from .grouping import grouped_parameters
 from .init_params import init_distributed_parameter, init_parameters
@@ -25,12 +25,14 @@ __all__ = [
     "BufferState",
     "DistributedModule",
     "DistributedParameter",
+    "FlatInfo",
     "FlatStorage",
     "InitMethod",
     "ParameterInitializer",
     "Partition",
     "ReduceHandle",
     "check_agreement",
+    "flat_info",
     "gather_for_state",
     "gather_full",
     "gather_to",

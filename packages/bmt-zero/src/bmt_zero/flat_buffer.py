@@ -35,7 +35,7 @@ from bmt_comm import Communicator, ReduceOp
 from .flat_layout import FlatLayout
 from .parameter import DistributedParameter
 
-__all__ = ["BufferState", "FlatBuffer", "ReduceHandle"]
+__all__ = ["BufferState", "FlatBuffer", "FlatInfo", "ReduceHandle", "flat_info"]
 
 _BUILD_CHUNK_BYTES = 1 << 28  # construction stages at most this many bytes per collective
 
@@ -46,6 +46,22 @@ class BufferState(Enum):
     RELEASED = "released"  # the full buffer holds no memory
     GATHERING = "gathering"  # an all-gather is queued on the load stream; consumers must wait for it
     GATHERED = "gathered"  # the full buffer is valid for work queued on the current stream
+
+
+class FlatInfo(NamedTuple):
+    """What a flat shard parameter (``FlatBuffer.shard``) is, for code that saves its state."""
+
+    key: str  # its buffer's name, e.g. ``bfloat16_grad``
+    tp_mode: bool  # its parameters are tensor-parallel (their pieces are those of one tp rank)
+    content: int  # elements of the whole buffer that belong to parameters; the rest, to its end, is padding
+
+
+def flat_info(t: torch.Tensor) -> FlatInfo | None:
+    """``t``'s description if it is a flat buffer's shard parameter, else None. Its whole buffer
+    (``bmt_comm.Shard.whole_numel``) is padded to the group size, so it differs between sizes;
+    the first ``content`` elements do not."""
+    info = getattr(t, "_bmt_flat_info", None)
+    return info if isinstance(info, FlatInfo) else None
 
 
 class ReduceHandle(NamedTuple):
@@ -87,6 +103,9 @@ class FlatBuffer:
         shard = torch.zeros(layout.partition_numel, dtype=key.dtype, device=self.device)
         self.shard = torch.nn.Parameter(shard, requires_grad=key.requires_grad)
         self.shard._bmt_flat_key = key.name  # type: ignore[attr-defined]  # its buffer's name, for debugging
+        last = layout.slots[-1] if layout.slots else None
+        content = last.offset + last.numel if last is not None else 0
+        self.shard._bmt_flat_info = FlatInfo(key.name, key.tp_mode, content)  # type: ignore[attr-defined]
         # the flat tensor is a bmt_comm.Shard of the whole (padded) buffer over ``comm``
         bmt_comm.mark_shard(self.shard, part_start, part_end, layout.total, comm)
         self._fill_shard(build_chunk_numel)

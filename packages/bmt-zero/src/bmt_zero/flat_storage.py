@@ -14,7 +14,7 @@ import torch
 from bmt_comm import Communicator
 
 from .agreement import check_plans_agree
-from .flat_buffer import BufferState, FlatBuffer, ReduceHandle
+from .flat_buffer import BufferState, FlatBuffer, FlatInfo, ReduceHandle, flat_info
 from .flat_layout import ALIGN_BYTES, BufferKey, FlatLayout, FlatSlot, plan_layout
 from .parameter import DistributedParameter
 
@@ -23,10 +23,12 @@ __all__ = [
     "BufferKey",
     "BufferState",
     "FlatBuffer",
+    "FlatInfo",
     "FlatLayout",
     "FlatSlot",
     "FlatStorage",
     "ReduceHandle",
+    "flat_info",
     "plan_layout",
 ]
 

@@ -10,14 +10,15 @@ builds the state of its new range from the saved pieces that overlap it, reading
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from bmt_comm import check_shard
 from bmt_optim import OptimManager
 from bmt_optim._adam_base import STATE_TENSORS, AdamBase
+from bmt_zero import flat_info
 
 __all__ = ["Entry", "Piece", "Source", "TrainState", "layout_of", "plan_recut", "recut_state", "resolve", "to_cpu"]
 
@@ -32,6 +33,9 @@ class Entry(NamedTuple):
     numel: int  # of the whole (flattened, tp-local) parameter
     tp_mode: bool  # a tensor-parallel parameter: its pieces are those of the same tp rank
     sharded: bool  # False: every rank holds the whole parameter (and its own state of it)
+    # a flat buffer's shard: the elements of the whole that hold parameters (the rest is padding to
+    # the group size, so ``numel`` differs between sizes while this does not); None: no padding
+    content: int | None = None
 
 
 class Piece(NamedTuple):
@@ -42,16 +46,22 @@ class Piece(NamedTuple):
     end: int
 
 
-def layout_of(opt: torch.optim.Optimizer) -> list[Entry]:
+def layout_of(opt: torch.optim.Optimizer, legacy: bool = False) -> list[Entry]:
+    """Each parameter's range, read through the ``bmt_comm.Shard`` protocol (a ZeRO parameter, or a
+    Block's flat shard from ``grouped_parameters``). ``legacy``: the layout that checkpoints before
+    flat shards were recognised recorded (a flat shard as a whole tensor), to load those at the
+    same layout."""
     out = []
     for group in opt.param_groups:
         for p in group["params"]:
-            tp = bool(getattr(p, "_tp_mode", False))
-            if all(hasattr(p, a) for a in ("_start_partition", "_end_partition", "_original_shape")):
-                numel = math.prod(p._original_shape)
-                out.append(Entry(int(p._start_partition), int(p._end_partition), numel, tp, True))
+            flat = flat_info(p)
+            sh = check_shard(p)
+            if sh is None or (legacy and flat is not None):
+                out.append(Entry(0, p.numel(), p.numel(), bool(getattr(p, "tp_mode", False)), False))
+            elif flat is not None:
+                out.append(Entry(sh.shard_start, sh.shard_end, sh.whole_numel, flat.tp_mode, True, flat.content))
             else:
-                out.append(Entry(0, p.numel(), p.numel(), tp, False))
+                out.append(Entry(sh.shard_start, sh.shard_end, sh.whole_numel, bool(getattr(p, "tp_mode", False)), True))
     return out
 
 
@@ -134,25 +144,39 @@ def plan_recut(
     ranks = sorted(saved)
     for r in ranks:
         if len(saved[r]) != len(mine):
-            raise ValueError(f"{what}: saved on rank {r} with {len(saved[r])} parameters, this optimizer has {len(mine)}")
+            raise ValueError(
+                f"{what}: saved on rank {r} with {len(saved[r])} parameters, this optimizer has {len(mine)} (an "
+                "optimizer over model.parameters() has one per parameter, one over bmt.grouped_parameters(model) "
+                "one per flat buffer)"
+            )
     out = []
     for i, m in enumerate(mine):
         entries = [(r, saved[r][i]) for r in ranks if not m.tp_mode or tp_of[r] == my_tp]
         if not entries:
             raise ValueError(f"{what}: no saved rank holds parameter {i} for tp rank {my_tp}")
         for r, e in entries:
-            if e.numel != m.numel:
+            if (e.content is None) != (m.content is None):
+                kind = "a flat buffer's shard" if m.content is not None else "a parameter"
                 raise ValueError(
-                    f"{what}: parameter {i} has {m.numel} elements here but {e.numel} in the checkpoint "
+                    f"{what}: parameter {i} is {kind} here but not in the checkpoint (rank {r}): the optimizer "
+                    "was given model.parameters() in one run and bmt.grouped_parameters(model) in the other (or the "
+                    "checkpoint predates flat-shard layouts: those load only at the world size they were saved at)"
+                )
+            size, theirs = (m.numel, e.numel) if m.content is None else (m.content, e.content)
+            if theirs != size:
+                raise ValueError(
+                    f"{what}: parameter {i} has {size} elements here but {theirs} in the checkpoint "
                     f"(rank {r}): not the model it was saved from"
                 )
         if not entries[0][1].sharded:  # whole on every old rank: the lowest one's copy
             entries = entries[:1]
         pieces = [Piece(r, e.start, e.end) for r, e in entries if m.start < e.end and e.start < m.end]
-        covered = sum(min(p.end, m.end) - max(p.start, m.start) for p in pieces)
-        if covered != m.end - m.start:
+        # a flat buffer's padding past its content (sized by the group) needs no saved value: it is zero
+        need_end = m.end if m.content is None else max(m.start, min(m.end, m.content))
+        covered = sum(max(0, min(p.end, need_end) - max(p.start, m.start)) for p in pieces)
+        if covered != need_end - m.start:
             raise ValueError(
-                f"{what}: the saved pieces of parameter {i} cover {covered} of this rank's {m.end - m.start} elements"
+                f"{what}: the saved pieces of parameter {i} cover {covered} of this rank's {need_end - m.start} elements"
             )
         r0, e0 = entries[0]
         out.append(Source(pieces, pieces[0] if pieces else Piece(r0, e0.start, e0.end)))
@@ -199,7 +223,7 @@ def recut_state(
             if len(src.pieces) == 1 and (src.pieces[0].start, src.pieces[0].end) == (m.start, m.end):
                 new[key] = value.clone()  # the same piece: keep its shape
                 continue
-            out = torch.empty(m.end - m.start, dtype=value.dtype)
+            out = torch.zeros(m.end - m.start, dtype=value.dtype)  # zeros: a flat shard's new padding
             for p in src.pieces:
                 t = saved_sd(p.rank)["state"][i].get(key)
                 if not isinstance(t, torch.Tensor) or t.numel() != p.end - p.start:

@@ -175,7 +175,8 @@ def load_checkpoint(
         metas = {r: _load(os.path.join(ckpt, rank_file("meta", r, old_world))) for r in meta_ranks}
         mine = [layout_of(o) for o in state.optimizers]
         if state.optimizers:
-            if same and [[Entry(*e) for e in lay] for lay in metas[rank]["layouts"]] == mine:
+            saved_layouts = [[Entry(*e) for e in lay] for lay in metas[rank]["layouts"]] if same else None
+            if saved_layouts is not None and saved_layouts in (mine, [layout_of(o, legacy=True) for o in state.optimizers]):
                 optim_ranks = [rank]
             else:
                 tp_of = {r: int(m["tp"]) for r, m in metas.items()}
