@@ -34,6 +34,7 @@ class Plan:
     dtype: str = "float32"
     head: int = 16  # the head's output width: another value makes another model
     flat: bool = False  # the optimizer holds the Blocks' flat shards (bmt_zero.grouped_parameters), not the parameters
+    offload_options: tuple[tuple[str, Any], ...] = ()  # keywords of AdamOffloadOptimizer, e.g. (("delay_update", True),)
     legacy_layout: bool = False  # save flat shards' layout as checkpoints did before they were recognised
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,7 +69,7 @@ def build(plan: Plan) -> tuple[torch.nn.Module, Any, Any]:
         params = [p for _, ps in grouped_parameters(model) for p in ps]
     else:
         params = list(model.parameters())
-    opt = adam(params, lr=1e-2, weight_decay=0.01)
+    opt = adam(params, lr=1e-2, weight_decay=0.01, **dict(plan.offload_options))
     sched = Cosine(opt, start_lr=1e-2, warmup_iter=2, end_iter=10)
     manager = OptimManager(loss_scale=2.0**10, loss_scale_steps=2, max_loss_scale=2.0**12)
     manager.add_optimizer(opt, sched)

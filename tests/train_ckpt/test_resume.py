@@ -49,6 +49,21 @@ def test_resume_at_the_same_world_size_is_bitwise(tmp_path: Path, optimizer: str
     assert len(set(whole[0]["losses"].values())) == 6
 
 
+def test_a_delayed_update_resumes_as_it_continues(tmp_path: Path) -> None:
+    """``AdamOffloadOptimizer(delay_update=True)``: a checkpoint lands the update in flight, so the
+    run that saved it and a run resumed from it go on alike, bitwise (losses, parameters, state)."""
+    root = str(tmp_path / "ckpt")
+    base = Plan(optimizer="offload", dropout=0.1, stop=6, snapshot_at=(6,), offload_options=(("delay_update", True),))
+    continued = _run(2, replace(base, root=root, save_at=(3,)))
+    resumed = _run(2, replace(base, root=root, load=True))
+    for rank in range(2):
+        assert resumed[rank]["losses"] == {s: continued[rank]["losses"][s] for s in (4, 5, 6)}, rank
+        assert_same(resumed[rank]["shards"], continued[rank]["shards"], f"rank {rank} parameters")
+    assert_same(resumed[0]["snapshots"][6], continued[0]["snapshots"][6], "model and optimizer after step 6")
+    undelayed = _run(2, replace(base, offload_options=()))
+    assert undelayed[0]["losses"][3] != continued[0]["losses"][3]  # the delay changes the numerics
+
+
 def test_without_the_saved_rng_the_resume_differs(tmp_path: Path) -> None:
     """The bitwise test can fail: a resume that does not restore the RNG gives another loss."""
     root = str(tmp_path / "ckpt")
