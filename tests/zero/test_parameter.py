@@ -153,6 +153,12 @@ def _check_public_fields() -> None:
     layer.weight = plain
     Block(layer)
     assert plain.in_block and plain.shard_comm is comms.zero and plain.original_shape == (6, 4)
+    # init_method: read and set under its public name, the same field as 1.0.1's _init_method
+    assert plain.init_method is None
+    plain.init_method = torch.nn.init.ones_
+    assert plain._init_method is torch.nn.init.ones_
+    with pytest.raises(TypeError, match="init_method must be callable"):
+        plain.init_method = 3  # type: ignore[assignment]
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

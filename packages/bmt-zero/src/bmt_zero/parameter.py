@@ -139,6 +139,18 @@ class DistributedParameter(torch.nn.Parameter):
         return self._tp_original_shape
 
     @property
+    def init_method(self) -> InitMethod | None:
+        """What ``init_parameters`` runs on the whole parameter (None: it keeps its values); 1.0.1's
+        ``_init_method``, which stays writable too."""
+        return self._init_method
+
+    @init_method.setter
+    def init_method(self, fn: InitMethod | None) -> None:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"init_method must be callable (it is called on the whole tensor) or None, got {fn!r}")
+        self._init_method = fn
+
+    @property
     def in_block(self) -> bool:
         """Whether a Block's flat storage holds the parameter (its data is a view into it)."""
         return self._in_block

@@ -4,6 +4,7 @@ each parameter's and persistent buffer's name, whole shape and dtype."""
 from __future__ import annotations
 
 import torch
+from bmt_zero import DistributedParameter
 
 __all__ = ["Signature", "local_signature", "signature_mismatch", "union"]
 
@@ -12,10 +13,8 @@ _SHOWN = 5  # differences named in one message
 
 
 def _whole_shape(t: torch.Tensor) -> tuple[int, ...]:
-    if getattr(t, "_tp_mode", False) and hasattr(t, "_tp_original_shape"):
-        return tuple(t._tp_original_shape)
-    if hasattr(t, "_original_shape"):  # a ZeRO shard: the shape of the whole parameter
-        return tuple(t._original_shape)
+    if isinstance(t, DistributedParameter):  # a ZeRO shard: the shape of the whole (tp-joined) parameter
+        return tuple(t.tp_original_shape if t.tp_mode else t.original_shape)
     return tuple(t.shape)
 
 

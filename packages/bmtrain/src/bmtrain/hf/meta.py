@@ -49,11 +49,11 @@ def _default_init(model: torch.nn.Module, std: float) -> None:
             continue
         shape = p.original_shape
         if len(shape) >= 2:
-            p._init_method = normal
+            p.init_method = normal
         elif name.rsplit(".", 1)[-1] == "bias":
-            p._init_method = zeros
+            p.init_method = zeros
         else:
-            p._init_method = ones
+            p.init_method = ones
     init_parameters(model)
 
 

@@ -21,15 +21,6 @@ from ._stats import ROW, gather_rows, local_row, pool_rows, to_moments
 __all__ = ["inspect_model"]
 
 
-def _local_piece(p: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's elements of ``p`` (or of its gradient ``t``); None when it holds none."""
-    if t is None:
-        return None
-    if isinstance(p, DistributedParameter) and p._in_block and p._start_partition is None:
-        return None
-    return t
-
-
 def _param_comm(p: DistributedParameter) -> Communicator:
     """The group over which ``p``'s elements are spread (a Block re-homes it to its storage's)."""
     comm: Communicator = p.shard_comm
@@ -68,7 +59,8 @@ def inspect_model(model: torch.nn.Module, param_name: str, prefix: str = "") -> 
         return []
     with torch.no_grad():
         rows = torch.stack(
-            [torch.cat([local_row(_local_piece(p, p.data)).cpu(), local_row(_local_piece(p, p.grad)).cpu()])
+            # a parameter's data and gradient are this rank's elements (an empty piece counts 0)
+            [torch.cat([local_row(p.data).cpu(), local_row(p.grad).cpu()])
              for _, p in picked]
         )  # (P, 2*ROW)
         zero_comms: list[Communicator | None] = [
