@@ -266,3 +266,29 @@ def test_gathered_state_reloads_at_another_world_size(spawn: Any, tmp_path: Any)
         run_ours(ref, ref_params, 1, 9)
         for p, q in zip(params, ref_params, strict=True):
             torch.testing.assert_close(master_of(opt, p), master_of(ref, q), **TOL)
+
+
+def test_host_arena_lays_out_views_and_survives_a_refused_lock(monkeypatch: Any) -> None:
+    """``HostArena``: one allocation, 64-byte aligned views of each size and dtype; when the
+    driver refuses to page-lock it, a PinnedMemoryWarning and ordinary memory, not an error in
+    the middle of a backward."""
+    from bmt_optim._host_arena import HostArena, PinnedMemoryWarning
+
+    sizes = [(3, torch.bfloat16), (5, torch.float32), (0, torch.float16), (7, torch.bfloat16)]
+    arena = HostArena(sizes, pin=False)
+    views = [arena.view(i) for i in range(len(sizes))]
+    assert [(v.numel(), v.dtype) for v in views] == sizes
+    assert all(o % 64 == 0 for o in arena.offsets)
+    for v in views:
+        v.fill_(1)
+    assert views[1].sum().item() == 5  # the views do not overlap
+
+    class Refusing:
+        def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802 - CUDA's name
+            return 2  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Refusing())
+    with pytest.warns(PinnedMemoryWarning, match="ulimit -l"):
+        refused = HostArena(sizes, pin=True)
+    refused.view(3).fill_(2)
+    refused.close()  # nothing was locked: nothing to unlock

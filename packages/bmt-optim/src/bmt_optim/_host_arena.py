@@ -4,14 +4,22 @@
 each block up to a power of two: host copies of a 6.74B model's gradients (13.5 GB of bf16)
 would lock up to twice that. Here one ordinary allocation of the exact size is registered with
 the CUDA driver (``cudaHostRegister``, as torch does for shared memory), so copies from and to it
-are asynchronous, and only what is used is locked. Without CUDA it is ordinary memory.
+are asynchronous, and only what is used is locked. Without CUDA it is ordinary memory; where the
+driver refuses to lock that much (``ulimit -l``), it stays ordinary memory with a
+``PinnedMemoryWarning`` (correct, but each copy then blocks).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-__all__ = ["HostArena"]
+__all__ = ["HostArena", "PinnedMemoryWarning"]
+
+
+class PinnedMemoryWarning(RuntimeWarning):
+    """Host memory could not be page-locked: copies to and from it are synchronous (slower)."""
 
 _ALIGN = 64  # bytes: every view starts on a cache line
 
@@ -32,11 +40,16 @@ class HostArena:
         if pin and total:
             err = int(torch.cuda.cudart().cudaHostRegister(self._buf.data_ptr(), total, 0))  # type: ignore[no-untyped-call]
             if err != 0:
-                raise RuntimeError(
-                    f"cudaHostRegister of {total / 2**30:.2f} GiB of host memory failed with CUDA error {err}: "
-                    "the host cannot lock that much memory (see `ulimit -l`), or an earlier CUDA error is pending"
+                # the first backward would fail here, mid-step: train on with pageable memory instead
+                warnings.warn(
+                    f"page-locking {total / 2**30:.2f} GiB of host memory for the offload optimizer's gradient "
+                    f"copies failed (cudaHostRegister: CUDA error {err}; the limit is `ulimit -l`): they use "
+                    "pageable memory, so each copy blocks the CPU and the overlap is lost",
+                    PinnedMemoryWarning,
+                    stacklevel=2,
                 )
-            self._pinned = True
+            else:
+                self._pinned = True
 
     def view(self, index: int) -> torch.Tensor:
         numel, dtype = self._sizes[index]
