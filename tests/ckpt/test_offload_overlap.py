@@ -98,6 +98,21 @@ def _train(model: torch.nn.Module, opt: Any, cfg: Config, steps: int, check_stre
     return taken
 
 
+def _final_state(model: torch.nn.Module, opt: Any) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """The model's state dict and the optimizer's state tensors, copied."""
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {i: {k: t.clone() for k, t in s.items() if torch.is_tensor(t)} for i, s in opt.state_dict()["state"].items()}
+    return params, state
+
+
+def _assert_identical(a: tuple[dict[str, Any], dict[int, Any]], b: tuple[dict[str, Any], dict[int, Any]], what: str) -> None:
+    for key, value in a[0].items():
+        assert torch.equal(b[0][key], value), f"{what}: {key} differs from the default offload step"
+    for i, state in a[1].items():
+        for key, value in state.items():
+            assert torch.equal(b[1][i][key], value), f"{what}: optimizer state {i}/{key} differs"
+
+
 def _overlap_is_exact(dtype_name: str, plain_head: bool) -> None:
     from bmt_optim import AdamOffloadOptimizer
 
@@ -110,13 +125,8 @@ def _overlap_is_exact(dtype_name: str, plain_head: bool) -> None:
                                    overlap=overlap)
         taken = _train(model, opt, cfg, 4, check_streamed=overlap)
         assert taken == [True, True, False, True], taken
-        results.append({k: v.clone() for k, v in model.state_dict().items()})
-        results.append({i: {k: t.clone() for k, t in s.items() if torch.is_tensor(t)} for i, s in opt.state_dict()["state"].items()})
-    for key, value in results[0].items():
-        assert torch.equal(results[2][key], value), f"{dtype_name}: {key} differs with overlap=True"
-    for i, state in results[1].items():
-        for key, value in state.items():
-            assert torch.equal(results[3][i][key], value), f"{dtype_name}: optimizer state {i}/{key} differs"
+        results.append(_final_state(model, opt))
+    _assert_identical(*results, f"{dtype_name}, overlap=True")
 
 
 @pytest.mark.parametrize("world_size", [1])
@@ -268,13 +278,8 @@ def _eager_is_exact(dtype_name: str, plain_head: bool) -> None:
                     manager.backward(loss)
             assert manager.step()
             manager.zero_grad(set_to_none=step == 1)
-        results.append({k: v.clone() for k, v in model.state_dict().items()})
-        results.append({i: {k: t.clone() for k, t in s.items() if torch.is_tensor(t)} for i, s in opt.state_dict()["state"].items()})
-    for key, value in results[0].items():
-        assert torch.equal(results[2][key], value), f"{dtype_name}: {key} differs with update_during_backward()"
-    for i, state in results[1].items():
-        for key, value in state.items():
-            assert torch.equal(results[3][i][key], value), f"{dtype_name}: optimizer state {i}/{key} differs"
+        results.append(_final_state(model, opt))
+    _assert_identical(*results, f"{dtype_name}, update_during_backward()")
 
 
 @pytest.mark.parametrize("world_size", [1])

@@ -312,6 +312,8 @@ class FlatBuffer:
 
     def _fence_grad_readers(self) -> None:
         """Order the current stream (where the gradient is next written or freed) after its readers."""
+        if not self._grad_readers:
+            return
         readers, self._grad_readers = self._grad_readers, []
         stream = bmt_comm.current_stream(self.device)
         if stream is not None:
