@@ -292,3 +292,31 @@ def test_host_arena_lays_out_views_and_survives_a_refused_lock(monkeypatch: Any)
         refused = HostArena(sizes, pin=True)
     refused.view(3).fill_(2)
     refused.close()  # nothing was locked: nothing to unlock
+
+
+def test_grad_stream_copies_what_it_is_asked_for() -> None:
+    """``GradStream.collect``: host copies equal to the gradients, also for a parameter frozen when
+    the host memory was laid out and unfrozen later, and for a gradient whose dtype is not its
+    parameter's; a copy is redone when the gradient changed in place."""
+    from bmt_optim._grad_stream import GradStream
+
+    a = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    stream = GradStream()
+    try:
+        stream.track([a, b])
+        a.grad = torch.arange(4, dtype=torch.bfloat16)
+        (host,) = stream.collect([a])
+        assert torch.equal(host, a.grad)
+        b.requires_grad_(True)
+        b.grad = torch.full((3,), 2.0)
+        if hasattr(a, "grad_dtype"):
+            a.grad_dtype = None  # newer torch refuses a gradient of another dtype unless asked
+        a.grad = torch.arange(4, dtype=torch.float32) + 0.5
+        ha, hb = stream.collect([a, b])
+        assert torch.equal(ha, a.grad) and ha.dtype == torch.float32 and torch.equal(hb, b.grad)
+        a.grad.mul_(3)  # changed in place since: copied again
+        (ha,) = stream.collect([a])
+        assert torch.equal(ha, a.grad)
+    finally:
+        stream.close()

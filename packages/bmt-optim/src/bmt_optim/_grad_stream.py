@@ -107,13 +107,13 @@ class GradStream:
         h = c.host[self.current]
         if h is not None and h.numel() == g.numel() and h.dtype == g.dtype:
             return h
-        p = self._params[i]
         if st.arena is None:
             pin = any(q.device.type == "cuda" for q in self._params)
-            st.arena = HostArena([(q.numel(), q.dtype) for q in self._params], pin)
-        if g.numel() == p.numel() and g.dtype == p.dtype:
-            h = st.arena.view(i)
-        else:  # a gradient of another dtype than its parameter: memory of its own
+            # room for the parameters that train now (a frozen one's gradient never comes)
+            st.arena = HostArena([(q.numel() if q.requires_grad else 0, q.dtype) for q in self._params], pin)
+        h = st.arena.view(i)
+        if h.numel() != g.numel() or h.dtype != g.dtype:
+            # a gradient of another dtype than its parameter, or of one unfrozen since: memory of its own
             h = torch.empty(g.numel(), dtype=g.dtype, pin_memory=g.device.type == "cuda")
         c.host[self.current] = h
         return h
