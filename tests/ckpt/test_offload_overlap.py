@@ -125,8 +125,21 @@ def _overlap_is_exact(dtype_name: str, plain_head: bool) -> None:
                                    overlap=overlap)
         taken = _train(model, opt, cfg, 4, check_streamed=overlap)
         assert taken == [True, True, False, True], taken
+        if overlap:
+            _check_queue_used(opt, dtype)
         results.append(_final_state(model, opt))
     _assert_identical(*results, f"{dtype_name}, overlap=True")
+
+
+def _check_queue_used(opt: Any, dtype: torch.dtype) -> None:
+    """With the C++ kernel, the bf16/fp16 chunks ran on the queue's thread (fp32 ones never do)."""
+    from bmt_optim.cpu_adam import native_available
+
+    if dtype == torch.float32 or not native_available():
+        assert opt._queue is None or opt._queue.finished == 0
+        return
+    assert opt._queue is not None and opt._queue.finished > 0 and opt._queue.outstanding == 0
+    assert opt.cpu_update_seconds > 0
 
 
 @pytest.mark.parametrize("world_size", [1])
@@ -204,6 +217,39 @@ def _delayed_matches_reference(tmp: str) -> None:
     bmt_comm.synchronize()
 
 
+def _delayed_queue_matches_direct_calls() -> None:
+    """bf16 parameters, delayed: the C++ chunks on the queue's thread leave what direct kernel
+    calls chunk by chunk from the worker thread leave, bit for bit (accumulation, clipping, a
+    skipped step)."""
+    from bmt_optim import AdamOffloadOptimizer
+    from bmt_optim.cpu_adam import native_available
+
+    if not native_available():
+        pytest.skip("the C++ CPU Adam is not built here")
+    cfg = Config()
+    results = []
+    for queued in (True, False):
+        model = _build(cfg, torch.bfloat16, plain_head=True)
+        opt = AdamOffloadOptimizer(model.parameters(), lr=LR, weight_decay=0.1, chunk_numel=100, num_threads=2,
+                                   delay_update=True)
+        if not queued:
+            opt._adam_queue = lambda: None  # type: ignore[method-assign]
+        taken = _train(model, opt, cfg, 4, check_streamed=True)
+        assert taken == [True, True, False, True], taken
+        opt.finish_update()
+        if queued:
+            _check_queue_used(opt, torch.bfloat16)
+        else:
+            assert opt._queue is None
+        results.append(_final_state(model, opt))
+    _assert_identical(*results, "bfloat16, delay_update=True through the queue")
+
+
+@pytest.mark.parametrize("world_size", [1])
+def test_delayed_update_through_the_queue_is_bitwise_the_direct_path(spawn: Any, world_size: int) -> None:
+    spawn(_delayed_queue_matches_direct_calls)
+
+
 @pytest.mark.parametrize("world_size", [1])
 def test_delayed_update_matches_a_delayed_reference(spawn: Any, world_size: int, tmp_path: Any) -> None:
     spawn(_delayed_matches_reference, str(tmp_path))
@@ -278,6 +324,8 @@ def _eager_is_exact(dtype_name: str, plain_head: bool) -> None:
                     manager.backward(loss)
             assert manager.step()
             manager.zero_grad(set_to_none=step == 1)
+        if eager:
+            _check_queue_used(opt, dtype)
         results.append(_final_state(model, opt))
     _assert_identical(*results, f"{dtype_name}, update_during_backward()")
 

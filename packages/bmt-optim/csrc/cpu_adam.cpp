@@ -37,7 +37,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -52,6 +54,7 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
+#include <unistd.h>
 #endif
 
 namespace py = pybind11;
@@ -673,27 +676,208 @@ Dtype parse_dtype(int d, const char* what) {
   return static_cast<Dtype>(d);
 }
 
+// Checks adam_step's arguments and builds the job (n == 0 is valid: nothing to do).
+Job make_job(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
+             uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
+             float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
+             float inv_bc1, float weight_decay) {
+  if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
+  if (n > 0 && (!master || !exp_avg || !exp_avg_sq || !grad))
+    throw std::invalid_argument("master, exp_avg, exp_avg_sq and grad pointers must be non-null");
+  if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
+  return Job{reinterpret_cast<float*>(master),
+             reinterpret_cast<float*>(exp_avg),
+             reinterpret_cast<float*>(exp_avg_sq),
+             reinterpret_cast<const void*>(grad),
+             parse_dtype(grad_dtype, "grad"),
+             reinterpret_cast<void*>(out),
+             parse_dtype(out_dtype, "out"),
+             Hyper{decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul,
+                   1.0f / bc2_sqrt, inv_bc1, weight_decay}};
+}
+
 void adam_step(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
                uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
                float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
                uintptr_t stats, float inv_bc1, float weight_decay) {
-  if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
+  const Job job = make_job(master, exp_avg, exp_avg_sq, grad, grad_dtype, out, out_dtype, n, decay, one_minus_beta1,
+                           beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, num_threads, inv_bc1,
+                           weight_decay);
   if (n == 0) return;
-  if (!master || !exp_avg || !exp_avg_sq || !grad)
-    throw std::invalid_argument("master, exp_avg, exp_avg_sq and grad pointers must be non-null");
-  if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
-  Job job{reinterpret_cast<float*>(master),
-          reinterpret_cast<float*>(exp_avg),
-          reinterpret_cast<float*>(exp_avg_sq),
-          reinterpret_cast<const void*>(grad),
-          parse_dtype(grad_dtype, "grad"),
-          reinterpret_cast<void*>(out),
-          parse_dtype(out_dtype, "out"),
-          Hyper{decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, 1.0f / bc2_sqrt,
-                inv_bc1, weight_decay}};
   py::gil_scoped_release release;
   run_job(job, n, num_threads, reinterpret_cast<double*>(stats));
 }
+
+// ---------------------------------------------------------------- the update queue
+// Jobs run one after another on a driver thread of their own, which never holds the GIL: a Python
+// thread that called adam_step chunk by chunk had to take the GIL back after each chunk, and while
+// the main thread ran a forward or backward that wait stalled the CPU Adam (a 32M-element chunk on
+// one thread: 0.028 s alone, 0.071 s beside a busy main thread). Here the next chunk starts the
+// moment the last one ends; Python only waits for results.
+class AdamQueue {
+ public:
+  AdamQueue() : pid_(current_pid()), thread_(new std::thread([this] { loop(); })) {}
+  ~AdamQueue() { close(); }
+  AdamQueue(const AdamQueue&) = delete;
+  AdamQueue& operator=(const AdamQueue&) = delete;
+
+  // Queue one update (the arguments as adam_step's); returns its ticket (1, 2, ...).
+  int64_t submit(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
+                 uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
+                 float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
+                 uintptr_t stats, float inv_bc1, float weight_decay) {
+    check_process("submit");
+    Task task{make_job(master, exp_avg, exp_avg_sq, grad, grad_dtype, out, out_dtype, n, decay, one_minus_beta1,
+                       beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, num_threads, inv_bc1,
+                       weight_decay),
+              n, num_threads, reinterpret_cast<double*>(stats), 0};
+    std::lock_guard<std::mutex> lk(mu_);
+    if (closed_) throw std::runtime_error("AdamQueue.submit: the queue is closed");
+    task.ticket = ++last_ticket_;
+    todo_.push_back(task);
+    cv_.notify_all();
+    return task.ticket;
+  }
+
+  // Block (without the GIL) until job `ticket` has run; returns its seconds, or raises its error.
+  double wait(int64_t ticket) {
+    check_process("wait");
+    enum { kOk, kUnknown, kWaited, kDropped } status = kOk;
+    Result r{0.0, {}};
+    int64_t issued = 0;
+    {
+      py::gil_scoped_release release;  // released before mu_ is taken: a thread holding mu_ never waits for the GIL
+      std::unique_lock<std::mutex> lk(mu_);
+      issued = last_ticket_;
+      if (ticket < 1 || ticket > last_ticket_) {
+        status = kUnknown;
+      } else {
+        done_cv_.wait(lk, [&] { return ticket <= finished_ || closed_; });
+        auto it = results_.find(ticket);
+        if (it != results_.end()) {
+          r = it->second;
+          results_.erase(it);
+        } else {
+          status = ticket <= finished_ ? kWaited : kDropped;
+        }
+      }
+    }
+    const std::string job = "AdamQueue.wait: job " + std::to_string(ticket);
+    if (status == kUnknown)
+      throw std::invalid_argument(job + " was never submitted (tickets issued: 1.." + std::to_string(issued) + ")");
+    if (status == kWaited) throw std::invalid_argument(job + " was already waited for");
+    if (status == kDropped) throw std::runtime_error(job + " was dropped: the queue was closed before it ran");
+    if (!r.error.empty()) throw std::runtime_error("CPU Adam job " + std::to_string(ticket) + " failed: " + r.error);
+    return r.seconds;
+  }
+
+  // Jobs submitted and not waited for yet.
+  int64_t outstanding() {
+    check_process("outstanding");
+    std::lock_guard<std::mutex> lk(mu_);
+    return static_cast<int64_t>(todo_.size() + results_.size()) + (running_ ? 1 : 0);
+  }
+
+  // The last ticket that has run (jobs run in ticket order).
+  int64_t finished() {
+    check_process("finished");
+    std::lock_guard<std::mutex> lk(mu_);
+    return finished_;
+  }
+
+  // Stop after the running job (the queued ones are dropped) and join the driver thread.
+  void close() {
+    if (!thread_) return;
+    if (current_pid() != pid_) {  // a forked child: the thread is the parent's; leave it alone
+      (void)thread_.release();
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      closed_ = true;
+      todo_.clear();
+    }
+    cv_.notify_all();
+    done_cv_.notify_all();
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      thread_->join();
+    } else {
+      thread_->join();
+    }
+    thread_.reset();
+  }
+
+ private:
+  struct Task {
+    Job job;
+    int64_t n;
+    int num_threads;
+    double* stats;
+    int64_t ticket;
+  };
+  struct Result {
+    double seconds;
+    std::string error;
+  };
+
+  static long current_pid() {
+#if defined(__unix__) || defined(__APPLE__)
+    return static_cast<long>(getpid());
+#else
+    return 0;
+#endif
+  }
+
+  void check_process(const char* what) const {
+    if (current_pid() != pid_)
+      throw std::runtime_error(std::string("AdamQueue.") + what + ": this queue was created in process " +
+                               std::to_string(pid_) + " and its thread does not exist in this forked child (" +
+                               std::to_string(current_pid()) + "); create a new queue here");
+  }
+
+  void loop() {
+    for (;;) {
+      Task task;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return closed_ || !todo_.empty(); });
+        if (closed_) return;
+        task = todo_.front();
+        todo_.pop_front();
+        running_ = true;
+      }
+      Result r{0.0, {}};
+      const auto t0 = std::chrono::steady_clock::now();
+      try {
+        run_job(task.job, task.n, task.num_threads, task.stats);
+      } catch (const std::exception& e) {
+        r.error = e.what();
+      } catch (...) {
+        r.error = "unknown error";
+      }
+      r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        results_[task.ticket] = r;
+        finished_ = task.ticket;
+        running_ = false;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  const long pid_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::deque<Task> todo_;                  // guarded by mu_, in ticket order
+  std::map<int64_t, Result> results_;      // guarded by mu_: finished, not waited for yet
+  int64_t last_ticket_ = 0;                // guarded by mu_
+  int64_t finished_ = 0;                   // guarded by mu_: the last ticket that ran
+  bool running_ = false;                   // guarded by mu_
+  bool closed_ = false;                    // guarded by mu_
+  std::unique_ptr<std::thread> thread_;    // declared last: it starts once the rest exists
+};
 
 void set_simd(const std::string& name) {
   Simd want;
@@ -718,6 +902,21 @@ PYBIND11_MODULE(_cpu_adam, m) {
         "Update n elements in place: master/exp_avg/exp_avg_sq (fp32), grad (dtype code), out (0 = none). "
         "stats (0 = none): two float64 to which the sum and sum of squares of the update direction "
         "m_hat / (sqrt(v_hat) + eps) + weight_decay * p are added.");
+  py::class_<AdamQueue>(m, "AdamQueue",
+                        "CPU Adam jobs run in order on a driver thread that never holds the GIL.")
+      .def(py::init<>())
+      .def("submit", &AdamQueue::submit, py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+           py::arg("grad"), py::arg("grad_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"),
+           py::arg("decay"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),
+           py::arg("eps"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_mul"), py::arg("num_threads"),
+           py::arg("stats") = 0, py::arg("inv_bc1") = 1.0f, py::arg("weight_decay") = 0.0f,
+           "Queue an update (adam_step's arguments; the memory must stay valid until it is waited for); "
+           "returns its ticket.")
+      .def("wait", &AdamQueue::wait, py::arg("ticket"),
+           "Wait (GIL released) for a job; returns the seconds it ran, or raises the error it raised.")
+      .def("outstanding", &AdamQueue::outstanding, "Jobs submitted and not yet waited for.")
+      .def("finished", &AdamQueue::finished, "The last ticket that has run (jobs run in ticket order).")
+      .def("close", &AdamQueue::close, "Drop the queued jobs, finish the running one, join the thread.");
   m.def("stream_probe", &stream_probe, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("g"), py::arg("n"),
         py::arg("num_threads"),
         "a += g, b += g, c += g over n fp32 elements: Adam's memory traffic without its arithmetic "

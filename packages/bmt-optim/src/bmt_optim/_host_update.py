@@ -5,6 +5,11 @@ Chunk by chunk: the CPU Adam reads the host gradient and writes the new low-prec
 written), and each chunk's host->device copy is queued on a side stream at once, so the copies
 overlap the CPU work of the next chunks. The caller passes where the values go: the parameters
 themselves (exact), or device staging tensors that the next step copies in (delayed).
+
+With a ``CpuAdamQueue`` the update has two halves: ``start_host_update`` queues the C++ chunks
+(they then run back to back on the queue's thread, whoever holds the GIL), and ``HostUpdate.land``
+waits for each chunk in order, queues its copy, and runs the chunks the queue does not take (fp32
+parameters: torch's Adam) itself. Without a queue ``land`` calls the update function per chunk.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import NamedTuple
 import torch
 
 from ._offload_pipeline import OffloadItem, UpdateFn
+from .cpu_adam import CpuAdamQueue
+from .kernels_adam import AdamScalars
 
-__all__ = ["HostJob", "HostResult", "update_from_host"]
+__all__ = ["HostJob", "HostResult", "HostUpdate", "start_host_update", "update_from_host"]
 
 
 class HostJob(NamedTuple):
@@ -28,7 +35,103 @@ class HostJob(NamedTuple):
 
 class HostResult(NamedTuple):
     done: dict[torch.device, torch.cuda.Event]  # per device: after the last host->device copy
-    cpu_seconds: float  # wall time inside the CPU Adam calls
+    cpu_seconds: float  # time inside the CPU Adam (the queue's own timing for queued chunks)
+
+
+class _Chunk(NamedTuple):
+    job: HostJob
+    start: int
+    end: int
+    ticket: int | None  # the queue's ticket, or None: ``land`` runs this chunk itself
+
+
+class HostUpdate:
+    """An update whose C++ chunks may already be running on a queue; ``land`` finishes it."""
+
+    def __init__(self, chunks: list[_Chunk], queue: CpuAdamQueue | None) -> None:
+        self._chunks = chunks
+        self._queue = queue
+        self._next = 0
+
+    def land(
+        self,
+        update: UpdateFn,
+        h2d: dict[torch.device, torch.cuda.Stream],
+        after: dict[torch.device, list[torch.cuda.Event]],
+    ) -> HostResult:
+        """Finish every chunk in order and queue its copy; returns, per device, an event after the
+        last host->device copy (the host buffers may be rewritten, and the targets read, once it
+        has passed), and the CPU Adam's time. ``h2d`` waits for the events ``after[device]`` first
+        (the work that may still read the targets). On an error, every queued chunk has finished
+        (or been waited for) before it propagates: none writes memory the caller then releases."""
+        self._next = 0  # the first chunk not finished yet
+        try:
+            return self._land(update, h2d, after)
+        except BaseException:
+            if self._queue is not None:
+                self._queue.settle([c.ticket for c in self._chunks[self._next :] if c.ticket is not None])
+            raise
+
+    def _land(
+        self,
+        update: UpdateFn,
+        h2d: dict[torch.device, torch.cuda.Stream],
+        after: dict[torch.device, list[torch.cuda.Event]],
+    ) -> HostResult:
+        waited: set[torch.device] = set()
+        cpu = 0.0
+        for job, a, b, ticket in self._chunks:
+            it, out = job.item, job.out[a:b]
+            device = job.target.device
+            cuda = device.type == "cuda"
+            if cuda and device not in waited:
+                waited.add(device)
+                for event in after.get(device, ()):
+                    h2d[device].wait_event(event)
+            self._next += 1  # (a failed wait pops its ticket: it is not waited for again)
+            if ticket is not None:
+                assert self._queue is not None
+                cpu += self._queue.wait(ticket)
+            else:
+                t0 = time.perf_counter()
+                update(it.master[a:b], it.exp_avg[a:b], it.exp_avg_sq[a:b], job.grad[a:b], out, it.scalars, it.delta)
+                cpu += time.perf_counter() - t0
+            dst = job.target[a:b]
+            if cuda:
+                with torch.cuda.stream(h2d[device]):
+                    dst.copy_(out, non_blocking=True)
+            else:
+                dst.copy_(out)
+        done: dict[torch.device, torch.cuda.Event] = {}
+        for device in waited:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(h2d[device])
+            done[device] = event
+        return HostResult(done, cpu)
+
+
+def start_host_update(jobs: list[HostJob], chunk_numel: int, queue: CpuAdamQueue | None) -> HostUpdate:
+    """Cut ``jobs`` into chunks; with a queue, submit the C++ ones (``AdamScalars``) now."""
+    chunks: list[_Chunk] = []
+    try:
+        for job in jobs:
+            it, n = job.item, job.target.numel()
+            native = queue is not None and isinstance(it.scalars, AdamScalars)
+            for a in range(0, n, chunk_numel):
+                b = min(n, a + chunk_numel)
+                ticket = None
+                if native:
+                    assert queue is not None and isinstance(it.scalars, AdamScalars)
+                    sl = slice(a, b)
+                    ticket = queue.submit(
+                        it.master[sl], it.exp_avg[sl], it.exp_avg_sq[sl], job.grad[sl], job.out[sl], it.scalars, it.delta
+                    )
+                chunks.append(_Chunk(job, a, b, ticket))
+    except BaseException:
+        if queue is not None:
+            queue.settle([c.ticket for c in chunks if c.ticket is not None])
+        raise
+    return HostUpdate(chunks, queue)
 
 
 def update_from_host(
@@ -37,36 +140,7 @@ def update_from_host(
     chunk_numel: int,
     h2d: dict[torch.device, torch.cuda.Stream],
     after: dict[torch.device, list[torch.cuda.Event]],
+    queue: CpuAdamQueue | None = None,
 ) -> HostResult:
-    """Run the update; returns, per device, an event after the last host->device copy (the host
-    buffers may be rewritten, and the targets read, once it has passed), and the time spent in
-    the CPU Adam. ``h2d`` waits for
-    the events ``after[device]`` first (the work that may still read the targets)."""
-    waited: set[torch.device] = set()
-    cpu = 0.0
-    for job in jobs:
-        it, n = job.item, job.target.numel()
-        device = job.target.device
-        cuda = device.type == "cuda"
-        if cuda and device not in waited:
-            waited.add(device)
-            for event in after.get(device, ()):
-                h2d[device].wait_event(event)
-        for a in range(0, n, chunk_numel):
-            b = min(n, a + chunk_numel)
-            out = job.out[a:b]
-            t0 = time.perf_counter()
-            update(it.master[a:b], it.exp_avg[a:b], it.exp_avg_sq[a:b], job.grad[a:b], out, it.scalars, it.delta)
-            cpu += time.perf_counter() - t0
-            dst = job.target[a:b]
-            if cuda:
-                with torch.cuda.stream(h2d[device]):
-                    dst.copy_(out, non_blocking=True)
-            else:
-                dst.copy_(out)
-    done: dict[torch.device, torch.cuda.Event] = {}
-    for device in waited:
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(h2d[device])
-        done[device] = event
-    return HostResult(done, cpu)
+    """``start_host_update`` then ``land`` (see there)."""
+    return start_host_update(jobs, chunk_numel, queue).land(update, h2d, after)

@@ -64,10 +64,17 @@ import torch
 
 from ._adam_base import AdamBase, ParamsT
 from ._grad_stream import GradStream
-from ._host_update import HostJob, HostResult, update_from_host
+from ._host_update import HostJob, HostResult, HostUpdate, start_host_update, update_from_host
 from ._offload_pipeline import OffloadItem, OffloadPipeline, UpdateScalars
 from ._torch_adam import TorchAdamArgs, torch_adam_
-from .cpu_adam import CpuAdamBackend, cpu_adam_update, default_num_threads, warn_if_fallback
+from .cpu_adam import (
+    CpuAdamBackend,
+    CpuAdamQueue,
+    cpu_adam_update,
+    default_num_threads,
+    native_available,
+    warn_if_fallback,
+)
 from .kernels_adam import AdamScalars, adam_update
 
 __all__ = ["DEFAULT_CHUNK_NUMEL", "AdamOffloadOptimizer", "default_offload_threads"]
@@ -164,6 +171,10 @@ class AdamOffloadOptimizer(AdamBase):
         self.cpu_update_seconds = 0.0
         # why one worker: updates run in the order they were started, one CPU Adam at a time
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "bmt-offload-adam") if self.overlap else None
+        # why a second thread: during backward it waits for each gradient's copy and queues the C++
+        # chunks, so the queue is fed while the worker waits for earlier chunks and copies them back
+        self._feeder = concurrent.futures.ThreadPoolExecutor(1, "bmt-offload-feed") if self.overlap else None
+        self._queue: CpuAdamQueue | None = None  # the C++ chunks' own thread (overlap / delay_update), made on first use
         self._flush = bmt_comm.register_pending_writes(self.finish_update) if delay_update else None
         warn_if_fallback()
 
@@ -191,6 +202,23 @@ class AdamOffloadOptimizer(AdamBase):
             backend=self._cpu_backend,
             delta=delta,
         )
+
+    def _adam_queue(self) -> CpuAdamQueue | None:
+        """The queue the C++ chunks run on (None when torch does the CPU Adam)."""
+        if self._cpu_backend is CpuAdamBackend.TORCH or not native_available():
+            return None
+        if self._queue is None:
+            self._queue = CpuAdamQueue(self._num_threads)
+        return self._queue
+
+    def _in_background(
+        self, feed: Callable[[], HostUpdate], after: dict[torch.device, list[torch.cuda.Event]]
+    ) -> concurrent.futures.Future[HostResult]:
+        """``feed`` (start an update) on the feeder thread, then its landing on the worker, each in
+        the order of the calls."""
+        assert self._feeder is not None and self._worker is not None
+        fed = self._feeder.submit(feed)
+        return self._worker.submit(lambda: fed.result().land(self._update, self._h2d, after))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, scale: float = 1) -> Any:  # type: ignore[override]
@@ -341,14 +369,14 @@ class AdamOffloadOptimizer(AdamBase):
             return
         after = self._queued_readers([job.target for job in jobs], produced_on)
         landed = {e for e in copies if e is not None}
+        queue = self._adam_queue()
 
-        def run() -> HostResult:
+        def feed() -> HostUpdate:
             for e in landed:
                 e.synchronize()  # the gradient is on the host
-            return update_from_host(jobs, self._update, self._chunk_numel, self._h2d, after)
+            return start_host_update(jobs, self._chunk_numel, queue)
 
-        assert self._worker is not None
-        eager.futures.append(self._worker.submit(run))
+        eager.futures.append(self._in_background(feed, after))
 
     def _queued_readers(
         self, targets: list[torch.Tensor], also: torch.cuda.Stream | None = None
@@ -396,15 +424,16 @@ class AdamOffloadOptimizer(AdamBase):
     ) -> None:
         """Update the rest (parameters outside Blocks) after those started during backward, on the
         same thread, then wait for all of them."""
-        grads, worker = self._grads, self._worker
-        assert grads is not None and worker is not None
+        grads = self._grads
+        assert grads is not None
         hosts = grads.collect([p for _, p, _ in work])
         jobs = [
             HostJob(it._replace(grad=host), host, host if host.dtype == p.dtype else self._out_buffer(p), it.param)
             for (_, p, _), it, host in zip(work, items, hosts, strict=True)
         ]
         after = self._queued_readers([job.target for job in jobs])
-        rest = worker.submit(update_from_host, jobs, self._update, self._chunk_numel, self._h2d, after)
+        queue = self._adam_queue()
+        rest = self._in_background(lambda: start_host_update(jobs, self._chunk_numel, queue), after)
         done: dict[torch.device, torch.cuda.Event] = {}
         self.cpu_update_seconds = 0.0
         for f in [*eager.futures, rest]:
@@ -450,19 +479,21 @@ class AdamOffloadOptimizer(AdamBase):
         # the compute queued so far may still read the targets (or, delayed, the last landing reads staging)
         after = self._queued_readers([job.target for job in jobs])
         used = grads.current
+        queue = self._adam_queue()
         if self.delay_update:
             assert self._worker is not None
             grads.flip()  # the next backward fills the other host copy while this one is read
+            started = start_host_update(jobs, self._chunk_numel, queue)  # the C++ chunks start now
 
             def run() -> HostResult:
-                result = update_from_host(jobs, self._update, self._chunk_numel, self._h2d, after)
+                result = started.land(self._update, self._h2d, after)
                 for device, event in result.done.items():
                     grads.set_free_event(used, device, event)
                 return result
 
             self._pending = _Pending(self._worker.submit(run), targets, deltas)
             return
-        result = update_from_host(jobs, self._update, self._chunk_numel, self._h2d, after)
+        result = update_from_host(jobs, self._update, self._chunk_numel, self._h2d, after, queue)
         self.cpu_update_seconds = result.cpu_seconds
         for device, event in result.done.items():
             grads.set_free_event(used, device, event)
@@ -517,6 +548,12 @@ class AdamOffloadOptimizer(AdamBase):
             # no wait: the jobs hold this optimizer, so none is left when it is collected (and this
             # may run on the worker thread itself, which cannot join itself)
             worker.shutdown(wait=False)
+        feeder = getattr(self, "_feeder", None)
+        if feeder is not None:
+            feeder.shutdown(wait=False)
+        queue = getattr(self, "_queue", None)
+        if queue is not None:
+            queue.close()
         grads = getattr(self, "_grads", None)
         if grads is not None:
             grads.close()

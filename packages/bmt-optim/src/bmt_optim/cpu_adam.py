@@ -21,6 +21,7 @@ from .kernels_adam import AdamScalars, adam_update_torch
 
 __all__ = [
     "CpuAdamBackend",
+    "CpuAdamQueue",
     "cpu_adam_update",
     "default_num_threads",
     "native_available",
@@ -121,6 +122,63 @@ def _check(
         raise ValueError(f"CPU Adam expects {name} of {numel} elements ({why}), got {t.numel()}")
 
 
+def _native_args(
+    master: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor | None,
+    s: AdamScalars,
+    threads: int,
+    delta: torch.Tensor | None,
+) -> tuple[int | float, ...]:
+    """The C++ kernel's positional arguments (the tensors already checked)."""
+    if threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {threads}")
+    return (
+        master.data_ptr(),
+        exp_avg.data_ptr(),
+        exp_avg_sq.data_ptr(),
+        grad.data_ptr(),
+        _CODES[grad.dtype],
+        0 if out is None else out.data_ptr(),
+        _CODES[out.dtype] if out is not None else _CODES[torch.float32],
+        master.numel(),
+        s.decay,
+        s.one_minus_beta1,
+        s.beta2,
+        s.one_minus_beta2,
+        s.eps,
+        s.step_size,
+        s.bc2_sqrt,
+        s.grad_mul,
+        threads,
+        0 if delta is None else delta.data_ptr(),
+        s.inv_bc1,
+        s.weight_decay,
+    )
+
+
+def _check_all(
+    master: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor | None,
+    delta: torch.Tensor | None,
+) -> None:
+    n = master.numel()
+    f32 = (torch.float32,)
+    _check("master", master, n, f32)
+    _check("exp_avg", exp_avg, n, f32)
+    _check("exp_avg_sq", exp_avg_sq, n, f32)
+    _check("grad", grad, n, _FLOATS)
+    if out is not None:
+        _check("out", out, n, _FLOATS)
+    if delta is not None:
+        _check("delta", delta, 2, (torch.float64,), why="sum and sum of squares")
+
+
 def cpu_adam_update(
     master: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -140,16 +198,7 @@ def cpu_adam_update(
     direction ``m_hat / (sqrt(v_hat) + eps) + weight_decay * master`` (the master before this
     update) are added (the offload optimizer's ``record_delta``).
     """
-    n = master.numel()
-    f32 = (torch.float32,)
-    _check("master", master, n, f32)
-    _check("exp_avg", exp_avg, n, f32)
-    _check("exp_avg_sq", exp_avg_sq, n, f32)
-    _check("grad", grad, n, _FLOATS)
-    if out is not None:
-        _check("out", out, n, _FLOATS)
-    if delta is not None:
-        _check("delta", delta, 2, (torch.float64,), why="sum and sum of squares")
+    _check_all(master, exp_avg, exp_avg_sq, grad, out, delta)
     if backend is None:
         backend = CpuAdamBackend.NATIVE if _native is not None else CpuAdamBackend.TORCH
     if backend is CpuAdamBackend.TORCH:
@@ -158,28 +207,78 @@ def cpu_adam_update(
     if _native is None:
         raise RuntimeError(f"the C++ CPU Adam is not available: {_native_error}")
     threads = num_threads if num_threads is not None else default_num_threads()
-    if threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {threads}")
-    _native.adam_step(
-        master.data_ptr(),
-        exp_avg.data_ptr(),
-        exp_avg_sq.data_ptr(),
-        grad.data_ptr(),
-        _CODES[grad.dtype],
-        0 if out is None else out.data_ptr(),
-        _CODES[out.dtype] if out is not None else _CODES[torch.float32],
-        n,
-        s.decay,
-        s.one_minus_beta1,
-        s.beta2,
-        s.one_minus_beta2,
-        s.eps,
-        s.step_size,
-        s.bc2_sqrt,
-        s.grad_mul,
-        threads,
-        0 if delta is None else delta.data_ptr(),
-        s.inv_bc1,
-        s.weight_decay,
-    )
+    _native.adam_step(*_native_args(master, exp_avg, exp_avg_sq, grad, out, s, threads, delta))
     return backend
+
+
+class CpuAdamQueue:
+    """C++ CPU Adam updates run in submission order on a thread that never holds the GIL.
+
+    ``submit`` checks the tensors as ``cpu_adam_update`` does, queues the update and returns a
+    ticket; ``wait(ticket)`` blocks (GIL released) until it has run and returns its seconds, or
+    raises the error it raised. The queue keeps the tensors of each job alive until it is waited
+    for. Jobs run back to back: unlike a Python thread calling the kernel chunk by chunk, no job
+    waits for the GIL between chunks while the main thread runs a forward or backward.
+    ``close()`` (also at garbage collection) drops what has not started and joins the thread.
+    """
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        if _native is None:
+            raise RuntimeError(f"CpuAdamQueue needs the C++ CPU Adam, which is not available: {_native_error}")
+        threads = num_threads if num_threads is not None else default_num_threads()
+        if threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {threads}")
+        self.num_threads = threads
+        self._queue = _native.AdamQueue()
+        self._alive: dict[int, tuple[torch.Tensor | None, ...]] = {}  # ticket -> the job's tensors
+
+    def submit(
+        self,
+        master: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        grad: torch.Tensor,
+        out: torch.Tensor | None,
+        s: AdamScalars,
+        delta: torch.Tensor | None = None,
+    ) -> int:
+        _check_all(master, exp_avg, exp_avg_sq, grad, out, delta)
+        args = _native_args(master, exp_avg, exp_avg_sq, grad, out, s, self.num_threads, delta)
+        ticket = int(self._queue.submit(*args))
+        self._alive[ticket] = (master, exp_avg, exp_avg_sq, grad, out, delta)
+        return ticket
+
+    def wait(self, ticket: int) -> float:
+        try:
+            return float(self._queue.wait(ticket))
+        finally:
+            self._alive.pop(ticket, None)
+
+    def settle(self, tickets: list[int]) -> None:
+        """Wait for ``tickets`` (those not waited for yet), ignoring their errors: an error path's
+        cleanup, after which none of those jobs writes memory the caller is about to release."""
+        for ticket in tickets:
+            if ticket in self._alive:
+                try:
+                    self.wait(ticket)
+                except RuntimeError:
+                    pass
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs submitted and not yet waited for."""
+        return int(self._queue.outstanding())
+
+    @property
+    def finished(self) -> int:
+        """The last ticket that has run (0: none yet); jobs run in ticket order."""
+        return int(self._queue.finished())
+
+    def close(self) -> None:
+        queue = getattr(self, "_queue", None)
+        if queue is not None:
+            queue.close()  # before the tensors go: the running job may still write them
+        self._alive = {}
+
+    def __del__(self) -> None:
+        self.close()
