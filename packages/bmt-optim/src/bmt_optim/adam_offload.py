@@ -42,6 +42,10 @@ Hiding the CPU (all opt-in; the default is 1.0.1's step, where everything happen
   by the call that lands it; the parameters then keep their old values (the optimizer state of
   that step may be partly updated).
 
+With the C++ kernel, these background updates run on a ``CpuAdamQueue``: its chunks run back to
+back on a thread that never holds the GIL, so they do not stall while the main thread runs the
+forward and backward; Python threads only wait for each chunk and queue its copy back.
+
 ``offload_fraction=f`` (opt-in, default 1: everything offloaded, as 1.0.1) offloads about the
 fraction ``f`` of the elements: fp16/bf16 parameters taken in order from the first parameter
 group, up to ``1 - f`` of all elements, keep their master and moments on their own device and
