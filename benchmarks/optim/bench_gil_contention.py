@@ -49,7 +49,7 @@ def run(numel: int, chunks: int, threads: int, mode: str) -> dict[str, float]:
     if mode == "queue":
         q = CpuAdamQueue(threads)
         tickets = [q.submit(master[s], m[s], v[s], grad[s], out[s], S) for s in parts]
-        ops = _busy_until(lambda: q.finished >= tickets[-1])
+        ops = _busy_until(lambda: q.done(tickets[-1]))
         cpu = sum(q.wait(t) for t in tickets)
         q.close()
     else:

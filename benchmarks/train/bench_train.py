@@ -50,10 +50,12 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
                    help="activation checkpointing of every layer (selective: keep matmul and attention outputs; "
                         "recompute_all: full, bmt through checkpoint_policy='recompute_all', the peers as for full)")
     p.add_argument("--compile", action="store_true", help="torch.compile every layer (bmt: Block(compile=True))")
-    p.add_argument("--offload", nargs="?", const="step", default=None, choices=("step", "overlap", "eager", "delayed"),
+    p.add_argument("--offload", nargs="?", const="step", default=None, choices=("step", "overlap", "eager", "lazy", "delayed"),
                    help="bmt only: AdamOffloadOptimizer (CPU Adam); step: everything in step() (1.0.1), overlap: "
                         "gradients copied to the host during backward (overlap=True), eager: overlap plus the CPU Adam "
                         "started during the last backward (OptimManager.update_during_backward(); needs --no-guard), "
+                        "lazy: eager plus overlap_forward=True (each Block's new values land at its first read in the "
+                        "next forward), "
                         "delayed: the one-step-delayed update (delay_update=True, changes numerics)")
     p.add_argument("--offload-fraction", type=float, default=1.0,
                    help="with --offload: AdamOffloadOptimizer(offload_fraction=...), the share of elements updated on the CPU")
@@ -76,8 +78,8 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--impls takes {', '.join(IMPLS)}; got {', '.join(bad)}")
     if args.offload and args.impls != "bmt":
         p.error("--offload runs the bmt runner only: pass --impls bmt")
-    if args.offload == "eager" and not args.no_guard:
-        p.error("--offload eager starts the update before the backward ends, which the non-finite guard forbids: "
+    if args.offload in ("eager", "lazy") and not args.no_guard:
+        p.error(f"--offload {args.offload} starts the update before the backward ends, which the non-finite guard forbids: "
                 "add --no-guard")
     return args
 

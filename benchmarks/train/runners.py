@@ -118,6 +118,7 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
     if args.offload:
         opt = bmt.optim.AdamOffloadOptimizer(model.parameters(), lr=LR, overlap=args.offload in ("overlap", "eager"),
                                              delay_update=args.offload == "delayed",
+                                             overlap_forward=args.offload == "lazy",
                                              offload_fraction=args.offload_fraction)
     else:
         opt = bmt.optim.AdamOptimizer(model.parameters(), lr=LR)
@@ -126,7 +127,7 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
     cos, sin = rotary_tables(cfg, torch.device("cuda"))
     batches = _batches(cfg, args.mb, args.accum)
 
-    eager = args.offload == "eager"
+    eager = args.offload in ("eager", "lazy")
 
     def step() -> None:
         for k, (ids, targets) in enumerate(batches):
@@ -139,6 +140,7 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
         manager.step()
         manager.zero_grad(set_to_none=True)  # as the peers' opt.zero_grad(set_to_none=True): no gradients between steps
         if args.offload and args.offload != "step":
+            # (lazy: the last update that finished landing, the step before's: its Blocks land in this forward)
             cpu_adam_s.append(opt.cpu_update_seconds)  # type: ignore[union-attr]
 
     cpu_adam_s: list[float] = []

@@ -136,9 +136,9 @@ def _check_queue_used(opt: Any, dtype: torch.dtype) -> None:
     from bmt_optim.cpu_adam import native_available
 
     if dtype == torch.float32 or not native_available():
-        assert opt._queue is None or opt._queue.finished == 0
+        assert opt._queue is None or opt._queue.completed == 0
         return
-    assert opt._queue is not None and opt._queue.finished > 0 and opt._queue.outstanding == 0
+    assert opt._queue is not None and opt._queue.completed > 0 and opt._queue.outstanding == 0
     assert opt.cpu_update_seconds > 0
 
 
@@ -265,6 +265,10 @@ def test_flags_are_checked() -> None:
         AdamOffloadOptimizer([p], delay_update="yes")  # type: ignore[arg-type]
     opt = AdamOffloadOptimizer([p], delay_update=True)
     assert opt.overlap and opt.delay_update and not opt.update_pending
+    with pytest.raises(ValueError, match="overlap_forward=True and delay_update=True exclude each other"):
+        AdamOffloadOptimizer([p], delay_update=True, overlap_forward=True)
+    opt = AdamOffloadOptimizer([p], overlap_forward=True)
+    assert opt.overlap and opt.overlap_forward
 
 
 def test_grad_ready_hooks_register_and_remove() -> None:
@@ -290,9 +294,34 @@ def test_grad_ready_hooks_register_and_remove() -> None:
     assert not bmt_comm.has_grad_ready_hooks()
 
 
-def _eager_is_exact(dtype_name: str, plain_head: bool) -> None:
+def test_param_waits_register_and_remove() -> None:
+    import bmt_comm
+
+    seen: list[list[int]] = []
+
+    class Owner:
+        def wait(self, tensors: Any) -> None:
+            seen.append([t.numel() for t in tensors])
+
+    owner = Owner()
+    handle = bmt_comm.register_param_wait(owner.wait)
+    assert bmt_comm.has_param_waits()
+    bmt_comm.wait_param_writes([torch.zeros(2), torch.zeros(3)])
+    assert seen == [[2, 3]]
+    handle.remove()
+    bmt_comm.wait_param_writes([torch.zeros(1)])
+    assert seen == [[2, 3]] and not bmt_comm.has_param_waits()
+    bmt_comm.register_param_wait(owner.wait)
+    del owner  # held weakly, as the gradient-ready hooks
+    bmt_comm.wait_param_writes([torch.zeros(1)])
+    assert seen == [[2, 3]] and not bmt_comm.has_param_waits()
+
+
+def _eager_is_exact(dtype_name: str, plain_head: bool, lazy: bool = False) -> None:
     """``OptimManager.update_during_backward()``: the Blocks' updates start during the last
-    micro-batch's backward; the result is bit-identical to the default offload step."""
+    micro-batch's backward; the result is bit-identical to the default offload step. ``lazy``:
+    with ``overlap_forward=True``, ``step()`` returns with the Blocks' updates still in flight and
+    each lands at the Block's first read in the next forward (or the state dicts at the end)."""
     import bmt_comm
     from bmt_optim import AdamOffloadOptimizer, OptimManager
 
@@ -304,8 +333,9 @@ def _eager_is_exact(dtype_name: str, plain_head: bool) -> None:
     for eager in (False, True):
         model = _build(cfg, dtype, plain_head)
         opt = AdamOffloadOptimizer(model.parameters(), lr=LR, weight_decay=0.1, chunk_numel=100, num_threads=2,
-                                   overlap=eager)
+                                   overlap=eager, overlap_forward=eager and lazy)
         manager = OptimManager(loss_scale=None, skip_nonfinite=False)
+        block_params = list(model.blocks.parameters()) + ([] if plain_head else list(model.head.parameters()))
         manager.add_optimizer(opt)
         for step in range(3):
             x, target = batch(cfg, 4 * world, seed=80 + step)
@@ -313,27 +343,38 @@ def _eager_is_exact(dtype_name: str, plain_head: bool) -> None:
             chunks = list(zip(x.chunk(2), target.chunk(2), strict=True))
             for k, (xb, tb) in enumerate(chunks):
                 loss = ((model(xb.to(dtype), mask).float() - tb) ** 2).mean()
+                if eager and lazy:
+                    assert not opt._lazy, f"step {step}: a Block's update did not land in the forward that read it"
                 if eager and k == len(chunks) - 1:
                     with manager.update_during_backward():
                         manager.backward(loss)
                     started = opt._eager.done
-                    block_params = list(model.blocks.parameters()) + ([] if plain_head else list(model.head.parameters()))
                     assert all(id(p) in started for p in block_params), f"step {step}: not every Block's update started"
                     assert len(started) == len(block_params)  # the plain head waits for step()
                 else:
                     manager.backward(loss)
             assert manager.step()
+            if eager and lazy:  # the Blocks' new values are still in flight; the rest has landed
+                assert set(opt._lazy) == {id(p) for p in block_params}, f"step {step}: not every Block's update is pending"
             manager.zero_grad(set_to_none=step == 1)
+        results.append(_final_state(model, opt))  # (the model's state dict lands what is still in flight)
         if eager:
+            assert not opt._lazy
             _check_queue_used(opt, dtype)
-        results.append(_final_state(model, opt))
-    _assert_identical(*results, f"{dtype_name}, update_during_backward()")
+    _assert_identical(*results, f"{dtype_name}, update_during_backward(){' with overlap_forward' if lazy else ''}")
 
 
 @pytest.mark.parametrize("world_size", [1])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_update_during_backward_is_exact_in_place(spawn: Any, world_size: int, dtype_name: str) -> None:
     spawn(_eager_is_exact, dtype_name, True)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_overlap_forward_is_exact(spawn: Any, world_size: int, dtype_name: str) -> None:
+    """In place (a group of one) and sharded (the gather reads the shard on the load stream)."""
+    spawn(_eager_is_exact, dtype_name, world_size == 1, True)
 
 
 @pytest.mark.parametrize("world_size", [2])
@@ -395,8 +436,8 @@ def _partial_offload(mode: str) -> None:
         model = _build(cfg, torch.bfloat16, plain_head=True)
         opt = AdamOffloadOptimizer(model.parameters(), lr=LR, weight_decay=0.1, chunk_numel=100, num_threads=2,
                                    overlap=mode in ("overlap", "eager"), delay_update=mode == "delayed",
-                                   offload_fraction=fraction)
-        manager = OptimManager(loss_scale=None, skip_nonfinite=mode != "eager")
+                                   overlap_forward=mode == "lazy", offload_fraction=fraction)
+        manager = OptimManager(loss_scale=None, skip_nonfinite=mode not in ("eager", "lazy"))
         manager.add_optimizer(opt)
         params = list(model.parameters())
         kept = [p for p in params if id(p) in opt._on_device]
@@ -407,7 +448,7 @@ def _partial_offload(mode: str) -> None:
         for step in range(3):
             x, target = (t.to(_device()) for t in batch(cfg, 4, seed=60 + step))
             loss = ((model(x.to(torch.bfloat16), mask).float() - target) ** 2).mean()
-            if mode == "eager":
+            if mode in ("eager", "lazy"):
                 with manager.update_during_backward():
                     manager.backward(loss)
             else:
@@ -434,7 +475,7 @@ def _partial_offload(mode: str) -> None:
 
 
 @pytest.mark.parametrize("world_size", [1])
-@pytest.mark.parametrize("mode", ["step", "overlap", "eager", "delayed"])
+@pytest.mark.parametrize("mode", ["step", "overlap", "eager", "lazy", "delayed"])
 def test_partial_offload(spawn: Any, world_size: int, mode: str) -> None:
     spawn(_partial_offload, mode)
 

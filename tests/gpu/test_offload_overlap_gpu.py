@@ -1,6 +1,7 @@
 """``AdamOffloadOptimizer`` hiding the CPU, on one GPU: ``overlap=True`` (gradient copies on their
 side stream during backward), ``OptimManager.update_during_backward()`` (the CPU Adam started
-from the autograd thread, new values copied back while the backward goes on), ``delay_update``
+from the autograd thread, new values copied back while the backward goes on; with
+``overlap_forward`` landing at each Block's first read in the next forward), ``delay_update``
 (the background thread and the device staging tensors) and ``offload_fraction`` (the fused
 Triton kernel for the part kept on the GPU), with the same assertions as the CPU tests:
 bit-identical to the default offload step; the delayed scheme equal to plain torch's within
@@ -36,6 +37,13 @@ def test_update_during_backward_is_exact_on_gpu(spawn: Any, dtype_name: str) -> 
     spawn(_eager_is_exact, dtype_name, True)
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_overlap_forward_is_exact_on_gpu(spawn: Any, dtype_name: str) -> None:
+    """Each Block's update lands (host->device copies on their side stream) at its first read in
+    the next forward: the training is still bit-identical to the default offload step."""
+    spawn(_eager_is_exact, dtype_name, True, True)
+
+
 def test_update_during_backward_rules_on_gpu(spawn: Any) -> None:
     spawn(_eager_rules)
 
@@ -44,6 +52,6 @@ def test_delayed_update_on_gpu(spawn: Any, tmp_path: Any) -> None:
     spawn(_delayed_matches_reference, str(tmp_path))
 
 
-@pytest.mark.parametrize("mode", ["step", "overlap", "eager", "delayed"])
+@pytest.mark.parametrize("mode", ["step", "overlap", "eager", "lazy", "delayed"])
 def test_partial_offload_on_gpu(spawn: Any, mode: str) -> None:
     spawn(_partial_offload, mode)

@@ -61,6 +61,30 @@ def test_queued_updates_equal_direct_calls_bitwise() -> None:
         q.close()
 
 
+def test_higher_priority_runs_first_then_submission_order() -> None:
+    """While a long job runs, three updates of the same tensors are queued: step 3 at priority 0,
+    then steps 1 and 2 at priority 5. They run 1, 2, 3 (the order is visible in the arithmetic:
+    the result equals direct calls in that order, bit for bit)."""
+    q = CpuAdamQueue(num_threads=1)
+    try:
+        long_state, long_grad = problem(1 << 24, 7)  # keeps the driver busy while the rest is queued
+        state, grad = problem(50_000, 8)
+        ref = copies(state)
+        first = q.submit(*long_state, long_grad, None, scalars(1))
+        tickets = [q.submit(*state, grad, None, scalars(3), priority=0),
+                   q.submit(*state, grad, None, scalars(1), priority=5),
+                   q.submit(*state, grad, None, scalars(2), priority=5)]
+        assert not q.done(first), "the long job ended before the others were queued: the test proves nothing"
+        for t in [first, *tickets]:
+            q.wait(t)
+        for step in (1, 2, 3):
+            cpu_adam_update(*ref, grad, None, scalars(step), num_threads=1)
+        for got, want in zip(state, ref, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        q.close()
+
+
 def test_a_bad_job_is_refused_at_submit_and_wait_names_the_ticket() -> None:
     q = CpuAdamQueue(num_threads=1)
     try:
@@ -87,9 +111,10 @@ def test_jobs_run_while_the_caller_holds_the_gil() -> None:
         jobs = [problem(1 << 20, s) for s in range(4)]
         tickets = [q.submit(*st, g, None, scalars(1)) for st, g in jobs]
         deadline = time.perf_counter() + 30
-        while q.finished < tickets[-1] and time.perf_counter() < deadline:
+        while not q.done(tickets[-1]) and time.perf_counter() < deadline:
             pass
-        assert q.finished == tickets[-1], "the queued jobs did not run while the GIL was held"
+        assert all(q.done(t) for t in tickets), "the queued jobs did not run while the GIL was held"
+        assert q.completed == len(tickets)
         assert q.outstanding == len(tickets)  # run, not yet waited for
         for t in tickets:
             q.wait(t)

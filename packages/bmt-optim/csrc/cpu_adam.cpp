@@ -40,6 +40,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -709,7 +710,7 @@ void adam_step(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintpt
 }
 
 // ---------------------------------------------------------------- the update queue
-// Jobs run one after another on a driver thread of their own, which never holds the GIL: a Python
+// Jobs run one after another (the highest priority first, then in submission order) on a driver thread of their own, which never holds the GIL: a Python
 // thread that called adam_step chunk by chunk had to take the GIL back after each chunk, and while
 // the main thread ran a forward or backward that wait stalled the CPU Adam (a 32M-element chunk on
 // one thread: 0.028 s alone, 0.071 s beside a busy main thread). Here the next chunk starts the
@@ -725,16 +726,17 @@ class AdamQueue {
   int64_t submit(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
                  uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
                  float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
-                 uintptr_t stats, float inv_bc1, float weight_decay) {
+                 uintptr_t stats, float inv_bc1, float weight_decay, int64_t priority) {
     check_process("submit");
     Task task{make_job(master, exp_avg, exp_avg_sq, grad, grad_dtype, out, out_dtype, n, decay, one_minus_beta1,
                        beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, num_threads, inv_bc1,
                        weight_decay),
-              n, num_threads, reinterpret_cast<double*>(stats), 0};
+              n, num_threads, reinterpret_cast<double*>(stats), 0, priority};
     std::lock_guard<std::mutex> lk(mu_);
     if (closed_) throw std::runtime_error("AdamQueue.submit: the queue is closed");
     task.ticket = ++last_ticket_;
     todo_.push_back(task);
+    live_.insert(task.ticket);
     cv_.notify_all();
     return task.ticket;
   }
@@ -752,13 +754,13 @@ class AdamQueue {
       if (ticket < 1 || ticket > last_ticket_) {
         status = kUnknown;
       } else {
-        done_cv_.wait(lk, [&] { return ticket <= finished_ || closed_; });
+        done_cv_.wait(lk, [&] { return live_.count(ticket) == 0; });
         auto it = results_.find(ticket);
         if (it != results_.end()) {
           r = it->second;
           results_.erase(it);
         } else {
-          status = ticket <= finished_ ? kWaited : kDropped;
+          status = dropped_.count(ticket) ? kDropped : kWaited;
         }
       }
     }
@@ -778,11 +780,18 @@ class AdamQueue {
     return static_cast<int64_t>(todo_.size() + results_.size()) + (running_ ? 1 : 0);
   }
 
-  // The last ticket that has run (jobs run in ticket order).
-  int64_t finished() {
-    check_process("finished");
+  // Whether job `ticket` has run (or was dropped).
+  bool done(int64_t ticket) {
+    check_process("done");
     std::lock_guard<std::mutex> lk(mu_);
-    return finished_;
+    return ticket >= 1 && ticket <= last_ticket_ && live_.count(ticket) == 0;
+  }
+
+  // Jobs run so far.
+  int64_t completed() {
+    check_process("completed");
+    std::lock_guard<std::mutex> lk(mu_);
+    return completed_;
   }
 
   // Stop after the running job (the queued ones are dropped) and join the driver thread.
@@ -795,6 +804,10 @@ class AdamQueue {
     {
       std::lock_guard<std::mutex> lk(mu_);
       closed_ = true;
+      for (const Task& t : todo_) {
+        live_.erase(t.ticket);
+        dropped_.insert(t.ticket);
+      }
       todo_.clear();
     }
     cv_.notify_all();
@@ -815,6 +828,7 @@ class AdamQueue {
     int num_threads;
     double* stats;
     int64_t ticket;
+    int64_t priority;
   };
   struct Result {
     double seconds;
@@ -843,8 +857,11 @@ class AdamQueue {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return closed_ || !todo_.empty(); });
         if (closed_) return;
-        task = todo_.front();
-        todo_.pop_front();
+        auto best = todo_.begin();  // the first of the highest priority
+        for (auto it = todo_.begin(); it != todo_.end(); ++it)
+          if (it->priority > best->priority) best = it;
+        task = *best;
+        todo_.erase(best);
         running_ = true;
       }
       Result r{0.0, {}};
@@ -860,7 +877,8 @@ class AdamQueue {
       {
         std::lock_guard<std::mutex> lk(mu_);
         results_[task.ticket] = r;
-        finished_ = task.ticket;
+        live_.erase(task.ticket);
+        ++completed_;
         running_ = false;
       }
       done_cv_.notify_all();
@@ -872,8 +890,10 @@ class AdamQueue {
   std::condition_variable cv_, done_cv_;
   std::deque<Task> todo_;                  // guarded by mu_, in ticket order
   std::map<int64_t, Result> results_;      // guarded by mu_: finished, not waited for yet
+  std::set<int64_t> live_;                 // guarded by mu_: queued or running
+  std::set<int64_t> dropped_;              // guarded by mu_: never run (the queue was closed)
   int64_t last_ticket_ = 0;                // guarded by mu_
-  int64_t finished_ = 0;                   // guarded by mu_: the last ticket that ran
+  int64_t completed_ = 0;                  // guarded by mu_: jobs run
   bool running_ = false;                   // guarded by mu_
   bool closed_ = false;                    // guarded by mu_
   std::unique_ptr<std::thread> thread_;    // declared last: it starts once the rest exists
@@ -910,12 +930,14 @@ PYBIND11_MODULE(_cpu_adam, m) {
            py::arg("decay"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),
            py::arg("eps"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_mul"), py::arg("num_threads"),
            py::arg("stats") = 0, py::arg("inv_bc1") = 1.0f, py::arg("weight_decay") = 0.0f,
+           py::arg("priority") = 0,
            "Queue an update (adam_step's arguments; the memory must stay valid until it is waited for); "
-           "returns its ticket.")
+           "returns its ticket. Queued jobs run the highest priority first, then in submission order.")
       .def("wait", &AdamQueue::wait, py::arg("ticket"),
            "Wait (GIL released) for a job; returns the seconds it ran, or raises the error it raised.")
       .def("outstanding", &AdamQueue::outstanding, "Jobs submitted and not yet waited for.")
-      .def("finished", &AdamQueue::finished, "The last ticket that has run (jobs run in ticket order).")
+      .def("done", &AdamQueue::done, py::arg("ticket"), "Whether the job has run (or was dropped).")
+      .def("completed", &AdamQueue::completed, "Jobs run so far.")
       .def("close", &AdamQueue::close, "Drop the queued jobs, finish the running one, join the thread.");
   m.def("stream_probe", &stream_probe, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("g"), py::arg("n"),
         py::arg("num_threads"),

@@ -10,9 +10,12 @@ from .grad_ready import (
     HookHandle,
     flush_pending_writes,
     has_grad_ready_hooks,
+    has_param_waits,
     notify_grad_ready,
     register_grad_ready_hook,
+    register_param_wait,
     register_pending_writes,
+    wait_param_writes,
 )
 from .init import destroy, init_distributed
 from .objects import allgather_objects, broadcast_object
@@ -64,6 +67,7 @@ __all__ = [
     "process_state",
     "ProcessState",
     "has_grad_ready_hooks",
+    "has_param_waits",
     "init_distributed",
     "is_initialized",
     "mark_shard",
@@ -75,7 +79,9 @@ __all__ = [
     "record_stream",
     "recv_activations",
     "register_grad_ready_hook",
+    "register_param_wait",
     "register_pending_writes",
+    "wait_param_writes",
     "reduce_scatter",
     "round_up",
     "see_memory",

@@ -11,6 +11,11 @@
   in the background) registers its ``finish`` with :func:`register_pending_writes`; code that
   reads or overwrites parameter values as a whole (checkpoint save and load, state dicts) calls
   :func:`flush_pending_writes` first.
+- **Parameter waits.** An optimizer whose update of some parameters may still be in flight when
+  the next forward starts (``AdamOffloadOptimizer(overlap_forward=True)``) registers a wait with
+  :func:`register_param_wait`; a flat buffer calls :func:`wait_param_writes` with its tensors
+  before it reads them (a Block's gather), and the wait lands their writes and orders the current
+  stream after them.
 
 Hooks are kept in registration order and removed through the returned handle (or when the
 object behind a weakly held bound method is collected).
@@ -30,9 +35,12 @@ __all__ = [
     "HookHandle",
     "flush_pending_writes",
     "has_grad_ready_hooks",
+    "has_param_waits",
     "notify_grad_ready",
     "register_grad_ready_hook",
+    "register_param_wait",
     "register_pending_writes",
+    "wait_param_writes",
 ]
 
 
@@ -62,6 +70,7 @@ class HookHandle:
 
 _grad_hooks: dict[int, Callable[[GradReady], None]] = {}
 _flushes: dict[int, Callable[[], None]] = {}
+_param_waits: dict[int, Callable[[Sequence[torch.Tensor]], None]] = {}
 _next_key = 0
 
 
@@ -114,3 +123,21 @@ def flush_pending_writes() -> None:
     """Land every registered pending parameter write (before parameters are read or overwritten)."""
     for finish in list(_flushes.values()):
         finish()
+
+
+def register_param_wait(wait: Callable[[Sequence[torch.Tensor]], None]) -> HookHandle:
+    """``wait(tensors)`` lands the writes still in flight to any of ``tensors`` and makes the current
+    stream wait for them (it must return at once for tensors it does not write)."""
+    return _add(_param_waits, wait)
+
+
+def has_param_waits() -> bool:
+    return bool(_param_waits)
+
+
+def wait_param_writes(tensors: Sequence[torch.Tensor]) -> None:
+    """Before ``tensors``' values are read on the current stream: land the writes still in flight."""
+    if not _param_waits:
+        return
+    for wait in list(_param_waits.values()):
+        wait(tensors)

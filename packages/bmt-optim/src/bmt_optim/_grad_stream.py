@@ -64,6 +64,8 @@ class GradStream:
         self._d2h: dict[torch.device, torch.cuda.Stream] = {}  # why: copies overlap the rest of the backward
         # called after a hook's copies are queued, with the parameters' indices and the producing stream
         self.on_copied: Callable[[list[int], torch.cuda.Stream | None], None] | None = None
+        # called before copies into a set: an update still reading that set's memory lands first
+        self.before_copy: Callable[[], None] | None = None
         self._hook = bmt_comm.register_grad_ready_hook(self._on_ready)
 
     def close(self) -> None:
@@ -120,6 +122,8 @@ class GradStream:
 
     def _copy(self, indices: list[int], after: torch.cuda.Stream | None, device: torch.device) -> torch.cuda.Event | None:
         """Copy the gradients of ``indices`` (all on ``device``) into the current set."""
+        if self.before_copy is not None:
+            self.before_copy()
         if device.type != "cuda":
             for i in indices:
                 g = self._params[i].grad

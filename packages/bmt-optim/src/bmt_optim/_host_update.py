@@ -26,6 +26,10 @@ from .kernels_adam import AdamScalars
 __all__ = ["HostJob", "HostResult", "HostUpdate", "start_host_update", "update_from_host"]
 
 
+Streams = dict[torch.device, torch.cuda.Stream]  # per device: the side stream of the host->device copies
+Events = dict[torch.device, list[torch.cuda.Event]]  # per device: what those copies wait for first
+
+
 class HostJob(NamedTuple):
     item: OffloadItem  # master, moments, scalars (item.param and item.grad are not read)
     grad: torch.Tensor  # 1-D host gradient
@@ -53,12 +57,7 @@ class HostUpdate:
         self._queue = queue
         self._next = 0
 
-    def land(
-        self,
-        update: UpdateFn,
-        h2d: dict[torch.device, torch.cuda.Stream],
-        after: dict[torch.device, list[torch.cuda.Event]],
-    ) -> HostResult:
+    def land(self, update: UpdateFn, h2d: Streams, after: Events) -> HostResult:
         """Finish every chunk in order and queue its copy; returns, per device, an event after the
         last host->device copy (the host buffers may be rewritten, and the targets read, once it
         has passed), and the CPU Adam's time. ``h2d`` waits for the events ``after[device]`` first
@@ -72,12 +71,7 @@ class HostUpdate:
                 self._queue.settle([c.ticket for c in self._chunks[self._next :] if c.ticket is not None])
             raise
 
-    def _land(
-        self,
-        update: UpdateFn,
-        h2d: dict[torch.device, torch.cuda.Stream],
-        after: dict[torch.device, list[torch.cuda.Event]],
-    ) -> HostResult:
+    def _land(self, update: UpdateFn, h2d: Streams, after: Events) -> HostResult:
         waited: set[torch.device] = set()
         cpu = 0.0
         for job, a, b, ticket in self._chunks:
@@ -110,8 +104,11 @@ class HostUpdate:
         return HostResult(done, cpu)
 
 
-def start_host_update(jobs: list[HostJob], chunk_numel: int, queue: CpuAdamQueue | None) -> HostUpdate:
-    """Cut ``jobs`` into chunks; with a queue, submit the C++ ones (``AdamScalars``) now."""
+def start_host_update(
+    jobs: list[HostJob], chunk_numel: int, queue: CpuAdamQueue | None, priority: int = 0
+) -> HostUpdate:
+    """Cut ``jobs`` into chunks; with a queue, submit the C++ ones (``AdamScalars``) now, at
+    ``priority`` (queued chunks run the highest priority first)."""
     chunks: list[_Chunk] = []
     try:
         for job in jobs:
@@ -124,7 +121,8 @@ def start_host_update(jobs: list[HostJob], chunk_numel: int, queue: CpuAdamQueue
                     assert queue is not None and isinstance(it.scalars, AdamScalars)
                     sl = slice(a, b)
                     ticket = queue.submit(
-                        it.master[sl], it.exp_avg[sl], it.exp_avg_sq[sl], job.grad[sl], job.out[sl], it.scalars, it.delta
+                        it.master[sl], it.exp_avg[sl], it.exp_avg_sq[sl], job.grad[sl], job.out[sl], it.scalars, it.delta,
+                        priority,
                     )
                 chunks.append(_Chunk(job, a, b, ticket))
     except BaseException:
@@ -138,8 +136,8 @@ def update_from_host(
     jobs: list[HostJob],
     update: UpdateFn,
     chunk_numel: int,
-    h2d: dict[torch.device, torch.cuda.Stream],
-    after: dict[torch.device, list[torch.cuda.Event]],
+    h2d: Streams,
+    after: Events,
     queue: CpuAdamQueue | None = None,
 ) -> HostResult:
     """``start_host_update`` then ``land`` (see there)."""

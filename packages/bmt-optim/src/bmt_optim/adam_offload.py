@@ -31,6 +31,13 @@ Hiding the CPU (all opt-in; the default is 1.0.1's step, where everything happen
   the step: the CPU Adam of a Block's parameters starts (on a background thread) as soon as their
   gradient is on the host, while the backward goes on; ``step`` updates the rest and waits.
   Exact; only for unscaled, unguarded steps without clipping (see the manager's method).
+- ``overlap_forward=True`` (implies ``overlap``) with ``update_during_backward``: ``step`` waits
+  only for the parameters outside Blocks. The Blocks' updates run newest first (the order the
+  next forward needs them) and each lands, its copies ordered before the reads by stream events,
+  when its Block first reads its parameters (``bmt_comm.wait_param_writes`` from the flat
+  buffer's gather), or at the latest at ``finish_update()``, a save or load, a state dict, or the
+  next backward's gradient copies. Exact; a direct read of a Block's parameter (not through the
+  Block) before then sees its old value. ``cpu_update_seconds`` is set when the last one lands.
 - ``delay_update=True`` (implies the gradient streaming): the one-step-delayed update. ``step``
   hands the CPU Adam of step t to a background thread and returns; the forward and backward of
   step t+1 run on the parameters from before it, and the next ``step`` (or ``finish_update()``,
@@ -59,7 +66,8 @@ kernel or the C++ one), so results equal ``f=1``'s to rounding, not bit for bit.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -68,7 +76,7 @@ import torch
 
 from ._adam_base import AdamBase, ParamsT
 from ._grad_stream import GradStream
-from ._host_update import HostJob, HostResult, HostUpdate, start_host_update, update_from_host
+from ._host_update import Events, HostJob, HostResult, HostUpdate, start_host_update, update_from_host
 from ._offload_pipeline import OffloadItem, OffloadPipeline, UpdateScalars
 from ._torch_adam import TorchAdamArgs, torch_adam_
 from .cpu_adam import (
@@ -95,12 +103,32 @@ class _Pending(NamedTuple):
 
 
 @dataclass
+class _Landing:
+    """An update started during backward whose new values are copied in when a Block first reads
+    them (``overlap_forward``), or at the latest by ``finish_update``."""
+
+    fed: concurrent.futures.Future[HostUpdate]  # the feeder thread's start of the update
+    after: Events  # what its host->device copies wait for
+    params: list[torch.Tensor]
+
+
+@dataclass
+class _LazyStep:
+    """The landings of one step still to come (``overlap_forward``)."""
+
+    left: int
+    seconds: float  # CPU Adam time of the landings so far
+    deltas: list[tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
 class _Eager:
     """Updates started during a backward (``OptimManager.update_during_backward``)."""
 
     groups: dict[int, dict[str, Any]]  # id(param) -> its group
     done: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> param, update started
     futures: list[concurrent.futures.Future[HostResult]] = field(default_factory=list)
+    landings: list[_Landing] = field(default_factory=list)  # overlap_forward: instead of futures
     deltas: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
@@ -110,8 +138,8 @@ class AdamOffloadOptimizer(AdamBase):
     State per parameter (host, fp32, flat 1-D): ``exp_avg``, ``exp_avg_sq``, ``_param_fp32``;
     ``step`` (int); with ``record_delta``, ``_delta_info``. Keyword-only tuning: ``chunk_numel`` (elements per pipeline chunk),
     ``num_threads`` (CPU Adam threads; default: ``default_offload_threads()``, this process's
-    share of the host's CPUs, less one with CUDA), ``overlap``, ``delay_update`` and
-    ``offload_fraction`` (see the module's documentation). ``cpu_update_seconds``: the time
+    share of the host's CPUs, less one with CUDA), ``overlap``, ``delay_update``,
+    ``overlap_forward`` and ``offload_fraction`` (see the module's documentation). ``cpu_update_seconds``: the time
     spent in the CPU Adam calls of the last update that finished (with ``overlap`` or
     ``delay_update``).
     """
@@ -133,6 +161,7 @@ class AdamOffloadOptimizer(AdamBase):
         overlap: bool = False,
         delay_update: bool = False,
         offload_fraction: float = 1.0,
+        overlap_forward: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, hold_steps, maximize=maximize,
@@ -148,7 +177,7 @@ class AdamOffloadOptimizer(AdamBase):
         self._pipeline = OffloadPipeline(chunk_numel)
         self._num_threads = num_threads if num_threads is not None else default_offload_threads()
         self._cpu_backend: CpuAdamBackend | None = None  # None: the C++ kernel when built
-        for name, flag in (("overlap", overlap), ("delay_update", delay_update)):
+        for name, flag in (("overlap", overlap), ("delay_update", delay_update), ("overlap_forward", overlap_forward)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if not (isinstance(offload_fraction, (int, float)) and 0.0 < offload_fraction <= 1.0):
@@ -160,7 +189,15 @@ class AdamOffloadOptimizer(AdamBase):
         self.offload_fraction = float(offload_fraction)
         # id(param) of the parameters updated on their own device (offload_fraction < 1)
         self._on_device = self._choose_on_device(self.offload_fraction)
-        self.overlap = overlap or delay_update  # gradients stream to the host during backward
+        if overlap_forward and delay_update:
+            raise ValueError(
+                "overlap_forward=True and delay_update=True exclude each other: the delayed update already runs "
+                "beside the whole next step (choose one)"
+            )
+        self.overlap = overlap or delay_update or overlap_forward  # gradients stream to the host during backward
+        # a step after update_during_backward() returns before the Blocks' new values are in: each
+        # Block's first read (its gather) lands its own (exact; ordered by stream events)
+        self.overlap_forward = overlap_forward
         self.delay_update = delay_update  # step t's update lands at step t+1 (changes numerics)
         self._chunk_numel = chunk_numel
         self._grads = GradStream(sets=2 if delay_update else 1) if self.overlap else None
@@ -179,7 +216,14 @@ class AdamOffloadOptimizer(AdamBase):
         # chunks, so the queue is fed while the worker waits for earlier chunks and copies them back
         self._feeder = concurrent.futures.ThreadPoolExecutor(1, "bmt-offload-feed") if self.overlap else None
         self._queue: CpuAdamQueue | None = None  # the C++ chunks' own thread (overlap / delay_update), made on first use
-        self._flush = bmt_comm.register_pending_writes(self.finish_update) if delay_update else None
+        self._priority = 0  # overlap_forward: each started update runs before those started earlier
+        self._lazy: dict[int, _Landing] = {}  # overlap_forward: id(param) -> its update, not landed yet
+        self._lazy_step: _LazyStep | None = None
+        self._flush = bmt_comm.register_pending_writes(self.finish_update) if delay_update or overlap_forward else None
+        self._param_wait = bmt_comm.register_param_wait(self._land_params) if overlap_forward else None
+        if overlap_forward:
+            assert self._grads is not None
+            self._grads.before_copy = _weak_call(self, AdamOffloadOptimizer._land_all)  # the next backward reuses its memory
         warn_if_fallback()
 
     def _update(
@@ -348,7 +392,7 @@ class AdamOffloadOptimizer(AdamBase):
     def _update_in_backward(self, indices: list[int], produced_on: torch.cuda.Stream | None) -> None:
         eager, grads = self._eager, self._grads
         assert eager is not None and grads is not None
-        jobs, copies = [], []
+        jobs, copies, started = [], [], []
         for i in indices:
             p = grads.param(i)
             group = eager.groups.get(id(p))
@@ -368,18 +412,25 @@ class AdamOffloadOptimizer(AdamBase):
             jobs.append(HostJob(item._replace(grad=host), host, out, item.param))  # no reference to the device gradient
             copies.append(event)
             eager.done[id(p)] = p
+            started.append(p)
             eager.deltas.append((p, item.delta))
         if not jobs:
             return
         after = self._queued_readers([job.target for job in jobs], produced_on)
         landed = {e for e in copies if e is not None}
         queue = self._adam_queue()
+        self._priority += 1
+        priority = self._priority if self.overlap_forward else 0  # newest first: the next forward's order
 
         def feed() -> HostUpdate:
             for e in landed:
                 e.synchronize()  # the gradient is on the host
-            return start_host_update(jobs, self._chunk_numel, queue)
+            return start_host_update(jobs, self._chunk_numel, queue, priority)
 
+        if self.overlap_forward:
+            assert self._feeder is not None
+            eager.landings.append(_Landing(self._feeder.submit(feed), after, started))
+            return
         eager.futures.append(self._in_background(feed, after))
 
     def _queued_readers(
@@ -437,6 +488,9 @@ class AdamOffloadOptimizer(AdamBase):
         ]
         after = self._queued_readers([job.target for job in jobs])
         queue = self._adam_queue()
+        if self.overlap_forward:
+            self._land_rest_only(eager, jobs, after, queue, eager.deltas + deltas)
+            return
         rest = self._in_background(lambda: start_host_update(jobs, self._chunk_numel, queue), after)
         done: dict[torch.device, torch.cuda.Event] = {}
         self.cpu_update_seconds = 0.0
@@ -449,6 +503,62 @@ class AdamOffloadOptimizer(AdamBase):
             torch.cuda.current_stream(device).wait_event(event)  # later work sees the new parameters
         if self.record_delta:
             self._record_delta(eager.deltas + deltas)
+
+    # --- overlap_forward: the Blocks' updates land at their first read ------------------------
+    def _land_rest_only(
+        self,
+        eager: _Eager,
+        jobs: list[HostJob],
+        after: Events,
+        queue: CpuAdamQueue | None,
+        deltas: list[tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> None:
+        """Update the parameters outside Blocks first (the forward reads them before any Block)
+        and wait for them; the Blocks' updates land when each Block reads its parameters."""
+        assert self._feeder is not None
+        self._priority += 1
+        priority = self._priority
+        fed = self._feeder.submit(start_host_update, jobs, self._chunk_numel, queue, priority)  # after the Blocks' feeds
+        self._lazy_step = _LazyStep(len(eager.landings), 0.0, deltas)
+        for landing in eager.landings:
+            for p in landing.params:
+                self._lazy[id(p)] = landing
+        self._land_result(fed.result().land(self._update, self._h2d, after))
+
+    def _land_result(self, result: HostResult) -> None:
+        """The copies of ``result`` are queued: later work on the current streams sees them."""
+        grads, step = self._grads, self._lazy_step
+        assert grads is not None and step is not None
+        for device, event in result.done.items():
+            grads.set_free_event(grads.current, device, event)  # the newest copy: after every earlier one there
+            torch.cuda.current_stream(device).wait_event(event)
+        step.seconds += result.cpu_seconds
+        if step.left == 0:
+            self._lazy_step = None
+            self.cpu_update_seconds = step.seconds
+            if self.record_delta:
+                self._record_delta(step.deltas)
+
+    def _land(self, landing: _Landing) -> None:
+        for p in landing.params:
+            self._lazy.pop(id(p), None)
+        step = self._lazy_step
+        assert step is not None
+        step.left -= 1
+        self._land_result(landing.fed.result().land(self._update, self._h2d, landing.after))
+
+    def _land_params(self, tensors: Sequence[torch.Tensor]) -> None:
+        """bmt_comm's parameter wait: land the updates of any of ``tensors`` still in flight."""
+        if not self._lazy:
+            return
+        for t in tensors:
+            landing = self._lazy.get(id(t))
+            if landing is not None:
+                self._land(landing)
+
+    def _land_all(self) -> None:
+        while self._lazy:
+            self._land(next(iter(self._lazy.values())))
 
     # --- overlap / delay_update --------------------------------------------------------------
     def _h2d_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -519,7 +629,10 @@ class AdamOffloadOptimizer(AdamBase):
 
     def finish_update(self) -> None:
         """Land the delayed update still in flight (nothing to do without one): wait for the
-        background Adam, then copy its new values into the parameters (on the current stream)."""
+        background Adam, then copy its new values into the parameters (on the current stream).
+        With ``overlap_forward``, also land the updates started during the last backward that no
+        Block has read yet."""
+        self._land_all()
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -628,3 +741,15 @@ def default_offload_threads() -> int:
     cores for Adam left the step 1.3x its CPU stage; 56 to 63 gave 1.1-1.2x)."""
     n = default_num_threads()
     return n - 1 if torch.cuda.is_available() and n > 2 else n
+
+
+def _weak_call(obj: Any, method: Callable[[Any], None]) -> Callable[[], None]:
+    """``method(obj)`` while ``obj`` lives (a callback that does not keep it alive)."""
+    ref = weakref.ref(obj)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            method(target)
+
+    return call

@@ -215,7 +215,7 @@ class CpuAdamQueue:
     """C++ CPU Adam updates run in submission order on a thread that never holds the GIL.
 
     ``submit`` checks the tensors as ``cpu_adam_update`` does, queues the update and returns a
-    ticket; ``wait(ticket)`` blocks (GIL released) until it has run and returns its seconds, or
+    ticket (with ``priority``: queued jobs run the highest first, then in submission order); ``wait(ticket)`` blocks (GIL released) until it has run and returns its seconds, or
     raises the error it raised. The queue keeps the tensors of each job alive until it is waited
     for. Jobs run back to back: unlike a Python thread calling the kernel chunk by chunk, no job
     waits for the GIL between chunks while the main thread runs a forward or backward.
@@ -241,10 +241,12 @@ class CpuAdamQueue:
         out: torch.Tensor | None,
         s: AdamScalars,
         delta: torch.Tensor | None = None,
+        priority: int = 0,
     ) -> int:
+        """Queue one update; queued jobs run the highest ``priority`` first, then in submission order."""
         _check_all(master, exp_avg, exp_avg_sq, grad, out, delta)
         args = _native_args(master, exp_avg, exp_avg_sq, grad, out, s, self.num_threads, delta)
-        ticket = int(self._queue.submit(*args))
+        ticket = int(self._queue.submit(*args, priority=priority))
         self._alive[ticket] = (master, exp_avg, exp_avg_sq, grad, out, delta)
         return ticket
 
@@ -269,10 +271,14 @@ class CpuAdamQueue:
         """Jobs submitted and not yet waited for."""
         return int(self._queue.outstanding())
 
+    def done(self, ticket: int) -> bool:
+        """Whether job ``ticket`` has run (or was dropped by ``close``)."""
+        return bool(self._queue.done(ticket))
+
     @property
-    def finished(self) -> int:
-        """The last ticket that has run (0: none yet); jobs run in ticket order."""
-        return int(self._queue.finished())
+    def completed(self) -> int:
+        """Jobs run so far."""
+        return int(self._queue.completed())
 
     def close(self) -> None:
         queue = getattr(self, "_queue", None)

@@ -173,6 +173,9 @@ class FlatBuffer:
     def gather_async(self, force: bool = False) -> None:
         """Queue the all-gather of the full buffer on the load stream (no-op if already there,
         unless ``force``: then gather again into the held memory, e.g. after an update)."""
+        # an update still landing (an offload optimizer's overlap_forward) must be in the shard first
+        if bmt_comm.has_param_waits():
+            bmt_comm.wait_param_writes([self.shard, *self.params])
         if self.state is not BufferState.RELEASED and not force:
             return
         if self.layout.total == 0 or self.in_place:
