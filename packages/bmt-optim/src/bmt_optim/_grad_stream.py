@@ -7,6 +7,10 @@ this optimizer's parameters in it are copied device->host on a side stream at on
 backward goes on through the earlier Blocks; the producer's next write of that gradient waits
 for the copy. A later backward before the step (accumulation) copies them again.
 
+With ``measure`` set (a checked ``update_during_backward``), each hook's gradients are first
+handed to it on the same side stream, so the inf/nan check and the norm read each gradient once,
+while it is hot, instead of in a pass over all gradients at the step.
+
 At the step, a gradient whose copy is stale is copied then: one changed in place since its copy
 (clipping, a user's edit: its version counter moved), replaced, or never copied (parameters
 outside Blocks, which no hook reports). Then the update reads host memory only.
@@ -66,6 +70,9 @@ class GradStream:
         self.on_copied: Callable[[list[int], torch.cuda.Stream | None], None] | None = None
         # called before copies into a set: an update still reading that set's memory lands first
         self.before_copy: Callable[[], None] | None = None
+        # called with the parameters of each gradient-ready hook, on the stream that copies their
+        # gradients (before the copies; CPU: inline): checks that read each gradient once, as it arrives
+        self.measure: Callable[[list[torch.Tensor]], None] | None = None
         self._hook = bmt_comm.register_grad_ready_hook(self._on_ready)
 
     def close(self) -> None:
@@ -120,11 +127,17 @@ class GradStream:
         c.host[self.current] = h
         return h
 
-    def _copy(self, indices: list[int], after: torch.cuda.Stream | None, device: torch.device) -> torch.cuda.Event | None:
-        """Copy the gradients of ``indices`` (all on ``device``) into the current set."""
+    def _copy(
+        self, indices: list[int], after: torch.cuda.Stream | None, device: torch.device, measure: bool = False
+    ) -> torch.cuda.Event | None:
+        """Copy the gradients of ``indices`` (all on ``device``) into the current set (``measure``:
+        hand them to ``self.measure`` first, on the same stream)."""
         if self.before_copy is not None:
             self.before_copy()
+        measure_fn = self.measure if measure else None
         if device.type != "cuda":
+            if measure_fn is not None:
+                measure_fn([self._params[i] for i in indices])
             for i in indices:
                 g = self._params[i].grad
                 assert g is not None
@@ -138,6 +151,8 @@ class GradStream:
         if free is not None:
             d2h.wait_event(free)  # the last step's H2D read this set's memory
         with torch.cuda.stream(d2h):
+            if measure_fn is not None:
+                measure_fn([self._params[i] for i in indices])
             for i in indices:
                 g = self._params[i].grad
                 assert g is not None
@@ -157,7 +172,7 @@ class GradStream:
             if i is not None and t.grad is not None and t.requires_grad:
                 by_device.setdefault(t.grad.device, []).append(i)
         for device, indices in by_device.items():
-            event = self._copy(indices, info.stream, device)
+            event = self._copy(indices, info.stream, device, measure=True)
             if event is not None:
                 info.add_reader(event)
             if self.on_copied is not None:
@@ -166,6 +181,9 @@ class GradStream:
     # --- the step ------------------------------------------------------------------------
     def param(self, index: int) -> torch.Tensor:
         return self._params[index]
+
+    def index(self, p: torch.Tensor) -> int:
+        return self._index[id(p)]
 
     def copied(self, index: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """The host gradient of parameter ``index`` in the current set, and the event of its copy."""

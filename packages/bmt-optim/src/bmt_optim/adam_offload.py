@@ -28,12 +28,19 @@ Hiding the CPU (all opt-in; the default is 1.0.1's step, where everything happen
   going back to the device as soon as they are computed. Numerics are the default's exactly.
   Costs one pinned host copy of the gradients.
 - ``overlap=True`` with ``OptimManager.update_during_backward()`` around the last backward before
-  the step: the CPU Adam of a Block's parameters starts (on a background thread) as soon as their
-  gradient is on the host, while the backward goes on; ``step`` updates the rest and waits.
-  Exact; only for unscaled, unguarded steps without clipping (see the manager's method).
+  the step, on an unscaled, unguarded manager: the CPU Adam of a Block's parameters starts (on a
+  background thread) as soon as their gradient is on the host, while the backward goes on;
+  ``step`` updates the rest and waits. Exact; such a step cannot be skipped or clipped.
+- The same on a guarded or loss-scaled manager (or ``update_during_backward(defer=True)``): each
+  Block's gradients are checked as they arrive (``_grad_checks``: an inf/nan flag and their part
+  of the clipping 2-norm, on the copy stream), nothing starts during the backward, and ``step``
+  (after one all-reduce of the flag) starts every update from the host copies. A clip is applied
+  inside the update (its factor joins the scale) instead of rewriting the device gradients.
+  Exact without clipping; with it, to the rounding of the clipped gradient (see the manager).
 - ``overlap_forward=True`` (implies ``overlap``) with ``update_during_backward``: ``step`` waits
   only for the parameters outside Blocks. The Blocks' updates run newest first (the order the
-  next forward needs them) and each lands, its copies ordered before the reads by stream events,
+  next forward needs them; after a checked backward they all start at ``step``, in that order)
+  and each lands, its copies ordered before the reads by stream events,
   when its Block first reads its parameters (``bmt_comm.wait_param_writes`` from the flat
   buffer's gather), or at the latest at ``finish_update()``, a save or load, a state dict, or the
   next backward's gradient copies. Exact; a direct read of a Block's parameter (not through the
@@ -75,6 +82,7 @@ import bmt_comm
 import torch
 
 from ._adam_base import AdamBase, ParamsT
+from ._grad_checks import BackwardChecks
 from ._grad_stream import GradStream
 from ._host_update import Events, HostJob, HostResult, HostUpdate, start_host_update, update_from_host
 from ._offload_pipeline import OffloadItem, OffloadPipeline, UpdateScalars
@@ -123,9 +131,11 @@ class _LazyStep:
 
 @dataclass
 class _Eager:
-    """Updates started during a backward (``OptimManager.update_during_backward``)."""
+    """Updates started during a backward (``OptimManager.update_during_backward``); with
+    ``checks``, the backward only checked the gradients and every update starts at the step."""
 
     groups: dict[int, dict[str, Any]]  # id(param) -> its group
+    checks: BackwardChecks | None = None  # a guarded, scaled or clipped step: nothing starts in backward
     done: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> param, update started
     futures: list[concurrent.futures.Future[HostResult]] = field(default_factory=list)
     landings: list[_Landing] = field(default_factory=list)  # overlap_forward: instead of futures
@@ -281,12 +291,17 @@ class AdamOffloadOptimizer(AdamBase):
         for _, p, grad in work:
             self._check_contiguous(p, grad)
         eager, self._eager = self._eager, None
-        if eager is not None:
+        if eager is not None and eager.checks is not None:
+            eager = None if not self.overlap_forward else eager  # only the order of the Blocks is of use
+        elif eager is not None:
             work = self._finish_eager_checks(eager, work, scale)
         landing = self._device_update([w for w in work if id(w[1]) in self._on_device], scale)
         work = [w for w in work if id(w[1]) not in self._on_device]
         items = [self._item(group, p, grad, scale) for group, p, grad in work]
         deltas = [(p, it.delta) for (_, p, _), it in zip(work, items, strict=True)]
+        if eager is not None and eager.checks is not None:
+            self._step_checked_lazy(eager, work, items, deltas)
+            return loss
         if eager is not None:
             self._step_after_eager(eager, work, items, deltas)
             return loss
@@ -368,31 +383,40 @@ class AdamOffloadOptimizer(AdamBase):
         )
 
     # --- update during backward (OptimManager.update_during_backward) ------------------------
-    def _arm_backward_update(self) -> None:
+    def _arm_backward_update(self, check: bool = False) -> BackwardChecks | None:
         """Until ``_disarm_backward_update``, each gradient that this optimizer's copies bring to
-        the host is final: its update starts at once, on the background thread."""
+        the host is final: its update starts at once, on the background thread. ``check``: instead,
+        each is checked as it arrives (returned: the records, for the manager) and every update
+        starts at the step, which the checks let go ahead (``_step_checked_lazy``)."""
         if self._grads is None or self.delay_update:
             raise ValueError(
                 "update_during_backward() needs AdamOffloadOptimizer(overlap=True) without delay_update "
                 f"(this one has overlap={self.overlap}, delay_update={self.delay_update})"
             )
-        if self._eager is not None:
+        if self._eager is not None and self._eager.checks is None:
             raise RuntimeError(
                 "update_during_backward(): an update already started during an earlier backward since the last "
                 "step(); only the last micro-batch's backward may run inside update_during_backward()"
             )
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        if check:
+            checks = BackwardChecks(self._grads.is_current)
+            self._eager = _Eager(groups, checks)
+            self._grads.measure = checks.measure
+            return checks
         self._eager = _Eager(groups)
         self._grads.on_copied = self._update_in_backward
+        return None
 
     def _disarm_backward_update(self) -> None:
         if self._grads is not None:
             self._grads.on_copied = None
+            self._grads.measure = None
 
     def _update_in_backward(self, indices: list[int], produced_on: torch.cuda.Stream | None) -> None:
         eager, grads = self._eager, self._grads
         assert eager is not None and grads is not None
-        jobs, copies, started = [], [], []
+        ready = []
         for i in indices:
             p = grads.param(i)
             group = eager.groups.get(id(p))
@@ -407,15 +431,27 @@ class AdamOffloadOptimizer(AdamBase):
             grad = p.grad
             self._check_contiguous(p, grad)
             item = self._item(group, p, grad, 1.0)
+            eager.done[id(p)] = p
+            eager.deltas.append((p, item.delta))
+            ready.append((i, item))
+        if ready:
+            self._start_from_copies(eager, ready, produced_on)
+
+    def _start_from_copies(
+        self, eager: _Eager, ready: list[tuple[int, OffloadItem]], produced_on: torch.cuda.Stream | None
+    ) -> None:
+        """Start the update of parameters whose gradients' copies are queued (``ready``: their
+        indices in the gradient stream, and their items), behind the updates started before."""
+        grads = self._grads
+        assert grads is not None
+        jobs, copies, started = [], [], []
+        for i, item in ready:
+            p = grads.param(i)
             host, event = grads.copied(i)
             out = host if host.dtype == p.dtype else self._out_buffer(p)
             jobs.append(HostJob(item._replace(grad=host), host, out, item.param))  # no reference to the device gradient
             copies.append(event)
-            eager.done[id(p)] = p
             started.append(p)
-            eager.deltas.append((p, item.delta))
-        if not jobs:
-            return
         after = self._queued_readers([job.target for job in jobs], produced_on)
         landed = {e for e in copies if e is not None}
         queue = self._adam_queue()
@@ -432,6 +468,40 @@ class AdamOffloadOptimizer(AdamBase):
             eager.landings.append(_Landing(self._feeder.submit(feed), after, started))
             return
         eager.futures.append(self._in_background(feed, after))
+
+    def _step_checked_lazy(
+        self,
+        eager: _Eager,
+        work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]],
+        items: list[OffloadItem],
+        deltas: list[tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> None:
+        """``overlap_forward`` after a checked backward: the Blocks' updates start now, one per
+        Block in the order their gradients arrived (so the last to arrive, the first Block the
+        next forward reads, runs first), from the host copies still current; the rest (parameters
+        outside Blocks, gradients changed since) is updated first and waited for."""
+        grads, checks = self._grads, eager.checks
+        assert grads is not None and checks is not None
+        grads.track(self._offloaded())
+        position = {id(p): k for k, (_, p, _) in enumerate(work)}
+        started: set[int] = set()
+        for record in checks.records:
+            ready = []
+            for p in record.params:
+                k = position.get(id(p))
+                if k is not None and k not in started and grads.is_current(p):
+                    ready.append((grads.index(p), items[k]))
+                    started.add(k)
+            if ready:
+                self._start_from_copies(eager, ready, None)
+        rest = [k for k in range(len(work)) if k not in started]
+        hosts = grads.collect([work[k][1] for k in rest])
+        jobs = []
+        for k, host in zip(rest, hosts, strict=True):
+            p = work[k][1]
+            jobs.append(HostJob(items[k]._replace(grad=host), host, host if host.dtype == p.dtype else self._out_buffer(p), items[k].param))
+        after = self._queued_readers([job.target for job in jobs])
+        self._land_rest_only(eager, jobs, after, self._adam_queue(), deltas)
 
     def _queued_readers(
         self, targets: list[torch.Tensor], also: torch.cuda.Stream | None = None
@@ -648,6 +718,8 @@ class AdamOffloadOptimizer(AdamBase):
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         super().zero_grad(set_to_none)
+        if self._eager is not None and self._eager.checks is not None:
+            self._eager = None  # a checked backward (nothing started) whose step was skipped
         if self._grads is not None:
             self._grads.forget()  # a new gradient could sit where the old one was copied from
 

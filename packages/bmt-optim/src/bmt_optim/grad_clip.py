@@ -17,7 +17,15 @@ from collections.abc import Iterable
 import torch
 from bmt_comm import Communicator, ReduceOp, Shard, get_context, is_initialized
 
-__all__ = ["clip_grads_", "global_grad_norm", "is_sharded", "parse_norm_type"]
+__all__ = [
+    "clip_grads_",
+    "global_grad_norm",
+    "grad_norm_parts",
+    "is_sharded",
+    "norm_device",
+    "parse_norm_type",
+    "reduce_norm_parts",
+]
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -50,13 +58,28 @@ def global_grad_norm(params: Iterable[torch.Tensor], norm_type: float | str = 2.
     in a lone process). Parameters without a gradient count as zeros. Does not synchronise.
     """
     p = parse_norm_type(norm_type)
+    sharded, replicated = grad_norm_parts(params, p)
+    return reduce_norm_parts(sharded, replicated, p)
+
+
+def norm_device(params: Iterable[torch.Tensor]) -> torch.device:
+    """Where a norm of these gradients is reduced: the world communicator's device, or the first
+    gradient's in a lone process."""
     comm = _comm()
-    params = list(params)
-    grads = [(g, is_sharded(q)) for q in params if (g := _grad(q)) is not None]
     if comm is not None:
-        dev = comm.device
-    else:
-        dev = grads[0][0].device if grads else torch.device("cpu")
+        return comm.device
+    return next((g.device for q in params if (g := _grad(q)) is not None), torch.device("cpu"))
+
+
+def grad_norm_parts(
+    params: Iterable[torch.Tensor], p: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the p-norm of the gradients of ``params``: (sum over shards,
+    sum over replicated parameters) of ``|g|^p`` (for p = inf: the max, in the first, and a zero),
+    fp32 scalars on ``device`` (default: ``norm_device``). ``reduce_norm_parts`` finishes it."""
+    params = list(params)
+    dev = device if device is not None else norm_device(params)
+    grads = [(g, is_sharded(q)) for q in params if (g := _grad(q)) is not None]
     sharded = torch.zeros((), dtype=torch.float32, device=dev)
     replicated = torch.zeros((), dtype=torch.float32, device=dev)
     for g, shard in grads:
@@ -72,6 +95,12 @@ def global_grad_norm(params: Iterable[torch.Tensor], norm_type: float | str = 2.
             sharded = sharded + part
         else:
             replicated = replicated + part
+    return sharded, replicated
+
+
+def reduce_norm_parts(sharded: torch.Tensor, replicated: torch.Tensor, p: float) -> torch.Tensor:
+    """The global p-norm from every rank's ``grad_norm_parts`` (collective when initialized)."""
+    comm = _comm()
     if math.isinf(p):
         total = sharded
         if comm is not None:

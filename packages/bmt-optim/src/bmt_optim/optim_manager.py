@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import torch
 from bmt_comm import ReduceOp, config, current_stream, get_context, is_initialized, print_rank, wait_stream
 
-from .grad_clip import clip_grads_, global_grad_norm, parse_norm_type
+from ._grad_checks import BackwardChecks
+from .grad_clip import clip_grads_, grad_norm_parts, norm_device, parse_norm_type, reduce_norm_parts
 from .nan_check import check_inf_nan_many_, new_flag
 
 __all__ = ["LRScheduler", "NonFiniteGradientWarning", "OptimManager"]
@@ -112,7 +113,13 @@ class OptimManager:
         self.skipped_steps = 0  # steps skipped for an inf/nan (overflow or guard), on every rank alike
         # set by clip_grad_norm (a device tensor, no sync) when its norm was inf/nan; read by step()
         self._norm_flag: torch.Tensor | None = None
-        self._updated_in_backward = False  # update_during_backward() ran since the last step
+        self._updated_in_backward = False  # update_during_backward() started updates since the last step
+        # update_during_backward() checked the gradients of these optimizers as they arrived
+        # (id(optimizer) -> its records); their updates start at step()
+        self._checks: dict[int, tuple[torch.optim.Optimizer, BackwardChecks]] = {}
+        # id(optimizer) -> the clip factor that its step applies (a device scalar, no sync): after a
+        # checked backward, clipping is folded into the update instead of rewriting the gradients
+        self._folds: dict[int, torch.Tensor] = {}
 
     @property
     def _guarded(self) -> bool:
@@ -141,33 +148,41 @@ class OptimManager:
             wait_stream(current_stream(ctx.device), ctx.streams.load)
 
     @contextlib.contextmanager
-    def update_during_backward(self) -> Iterator[None]:
+    def update_during_backward(self, *, defer: bool = False) -> Iterator[None]:
         """Opt-in: the backward run inside this context is the last before ``step()``, and each
-        gradient is final as soon as its Block's backward is done: an optimizer that can
-        (``AdamOffloadOptimizer(overlap=True)``) starts its CPU update of those parameters right
-        then, while the backward goes on; ``step()`` updates the rest and waits for all.
+        gradient is final as soon as its Block's backward is done. With an optimizer that can
+        (``AdamOffloadOptimizer(overlap=True)``) one of two things happens then, while the
+        backward goes on through the earlier Blocks:
 
-        Only for an unguarded, unscaled step (``OptimManager(loss_scale=None,
-        skip_nonfinite=False)``): an update that starts before the backward ends cannot be undone
-        for an inf/nan found later, and gradients cannot be clipped after it (``clip_grad_norm``
-        then raises). With accumulation, run only the last micro-batch's backward inside it.
+        - unguarded and unscaled (``OptimManager(loss_scale=None, skip_nonfinite=False)``): the
+          CPU update of the Block's parameters starts; ``step()`` updates the rest and waits (or,
+          with ``overlap_forward``, returns at once). Such an update cannot be undone for an
+          inf/nan found later, nor clipped: ``clip_grad_norm`` then raises.
+        - guarded, scaled, or ``defer=True``: the Block's gradients are checked, on the stream that
+          copies them to the host, for an inf/nan and for their part of the clipping norm.
+          ``step()`` (and ``clip_grad_norm``) read again only what was not checked (parameters
+          outside Blocks, gradients changed since), decide for every rank with one all-reduce,
+          and then start every update at once from the host copies. ``clip_grad_norm`` leaves
+          the gradients as they are and the update applies the factor: in fp32 inside its
+          unscale (``grad * factor / loss_scale``), where the default step rounds the clipped
+          gradient to its dtype first, so a clipped step equals the default's to that rounding.
+
+        With accumulation, run only the last micro-batch's backward inside it.
         """
-        if self.loss_scale_enabled or self.skip_nonfinite:
-            raise ValueError(
-                "update_during_backward() needs OptimManager(loss_scale=None, skip_nonfinite=False): an update "
-                "that starts before the backward ends cannot be skipped for an inf/nan found later "
-                f"(this manager has loss_scale={self.loss_scale if self.loss_scale_enabled else None}, "
-                f"skip_nonfinite={self.skip_nonfinite})"
-            )
+        start_now = not (self.loss_scale_enabled or self.skip_nonfinite or defer)
         armed = [opt for opt in self.optimizers if callable(getattr(opt, "_arm_backward_update", None))]
         if not armed:
             raise ValueError(
                 "update_during_backward() needs an optimizer that can update during backward: "
                 f"AdamOffloadOptimizer(overlap=True); this manager has {[type(o).__name__ for o in self.optimizers]}"
             )
+        checks = {}
         for opt in armed:
-            opt._arm_backward_update()  # type: ignore[attr-defined]
-        self._updated_in_backward = True
+            record = opt._arm_backward_update(not start_now)  # type: ignore[attr-defined]
+            if record is not None:
+                checks[id(opt)] = (opt, record)
+        self._checks = checks
+        self._updated_in_backward = start_now
         try:
             yield
         finally:
@@ -184,6 +199,7 @@ class OptimManager:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
         self._norm_flag = None
+        self._checks, self._folds = {}, {}
 
     # --- clipping -----------------------------------------------------------------------
     def clip_grad_norm(
@@ -199,16 +215,18 @@ class OptimManager:
         loss scale here, so the norm is divided by it; the clip factor is
         ``min(1, max_norm / (norm + eps))`` as in ``torch.nn.utils.clip_grad_norm_``.
         """
-        parse_norm_type(norm_type)
+        p = parse_norm_type(norm_type)
         if self._updated_in_backward:
             raise RuntimeError(
                 "clip_grad_norm() after update_during_backward(): the update already used the unclipped gradients; "
-                "clip only in steps whose backward runs outside update_during_backward()"
+                "clip only in steps whose backward runs outside update_during_backward(), or run it as "
+                "update_during_backward(defer=True) (the updates then start at step())"
             )
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-        params = [p for group in param_groups for p in group["params"]]
-        norm = global_grad_norm(params, norm_type) / self.loss_scale
+        params = [q for group in param_groups for q in group["params"]]
+        folded, params = self._split_folded(params)
+        norm = self._norm(folded, params, p) / self.loss_scale
         coef = torch.clamp(max_norm / (norm + eps), max=1.0)  # a tensor: no device sync
         if self._guarded:
             # an inf/nan norm would make every gradient nan (or zero, for a norm that overflowed):
@@ -218,16 +236,73 @@ class OptimManager:
             flag = bad.to(torch.int32).reshape(1)
             self._norm_flag = flag if self._norm_flag is None else self._norm_flag.bitwise_or_(flag)
         clip_grads_(params, coef)
+        for opt in folded:
+            old = self._folds.get(id(opt))
+            self._folds[id(opt)] = coef.clone() if old is None else old * coef
         return norm
 
-    # --- the step -----------------------------------------------------------------------
-    def _found_overflow(self) -> tuple[bool, bool]:
-        """Any inf/nan in any gradient (every dtype) on (any rank, this rank).
+    def _split_folded(self, params: list[torch.Tensor]) -> tuple[list[torch.optim.Optimizer], list[torch.Tensor]]:
+        """(the checked optimizers whose parameters ``params`` covers, the other parameters).
 
-        One fused pass per (device, dtype), one all-reduce of one flag over the world, and one
-        sync to read it (and this rank's own flag, in the same copy)."""
+        A checked optimizer's update applies the clip factor to all its parameters, so ``params``
+        must hold all of its parameters with a gradient or none."""
+        given = {id(q) for q in params}
+        folded = []
+        for opt, _ in self._checks.values():
+            own = [q for group in opt.param_groups for q in group["params"] if q.grad is not None]
+            inside = sum(id(q) in given for q in own)
+            if inside == 0:
+                continue
+            if inside != len(own):
+                raise ValueError(
+                    "clip_grad_norm() after update_during_backward(): the clip is applied inside the update of "
+                    f"{type(opt).__name__}, to all its parameters, so it takes all of that optimizer's parameters "
+                    f"with a gradient or none (got {inside} of {len(own)}); pass its param_groups"
+                )
+            folded.append(opt)
+        taken = {id(q) for opt in folded for group in opt.param_groups for q in group["params"]}
+        return folded, [q for q in params if id(q) not in taken]
+
+    def _norm(self, folded: list[torch.optim.Optimizer], rest: list[torch.Tensor], p: float) -> torch.Tensor:
+        """The global p-norm of the gradients of ``rest`` and of ``folded``'s parameters as their
+        updates will see them (times any clip factor folded in already): the 2-norm of a checked
+        gradient from its record, the others read now."""
+        mine = [q for opt in folded for group in opt.param_groups for q in group["params"]]
+        dev = norm_device(rest + mine)
+        sharded, replicated = grad_norm_parts(rest, p, dev)
+        for opt in folded:
+            own = [q for group in opt.param_groups for q in group["params"]]
+            records, unchecked = self._checks[id(opt)][1].split(own) if p == 2 else ([], own)
+            s, r = grad_norm_parts(unchecked, p, dev)
+            for record in records:
+                _, rs, rr = record.ready(dev)
+                s, r = s + rs, r + rr
+            fold = self._folds.get(id(opt))
+            if fold is not None:  # an earlier clip of this step: the update sees the gradients times it
+                f = fold.to(dev)
+                s, r = (s * f, r * f) if math.isinf(p) else (s * f**p, r * f**p)
+            sharded = torch.maximum(sharded, s) if math.isinf(p) else sharded + s
+            replicated = replicated + r
+        return reduce_norm_parts(sharded, replicated, p)
+
+    # --- the step -----------------------------------------------------------------------
+    def _found_overflow(self) -> tuple[bool, bool, dict[int, float]]:
+        """Any inf/nan in any gradient (every dtype) on (any rank, this rank), and the clip factor
+        each checked optimizer's update applies.
+
+        One fused pass per (device, dtype) over the gradients no record of a checked backward
+        describes, one all-reduce of one flag over the world, and one sync to read it (with this
+        rank's own flag and the clip factors, in the same copy)."""
+        records = []
+        unchecked = {id(p): p for p in self._params()}
+        for _, checks in self._checks.values():
+            valid, _ = checks.split(list(unchecked.values()))
+            records += valid
+            for r in valid:
+                for p in r.params:
+                    del unchecked[id(p)]
         grads: dict[torch.device, list[torch.Tensor]] = {}
-        for p in self._params():
+        for p in unchecked.values():
             g = p.grad
             if g is None:
                 continue
@@ -235,17 +310,21 @@ class OptimManager:
                 g = g.coalesce().values()
             grads.setdefault(g.device, []).append(g)
         comm = get_context().comms.world if is_initialized() else None
-        dev = comm.device if comm is not None else next(iter(grads), torch.device("cpu"))
+        first = records[0].flag.device if records else torch.device("cpu")
+        dev = comm.device if comm is not None else next(iter(grads), first)
         local = new_flag(dev)
         for d, gs in grads.items():
             local.bitwise_or_(check_inf_nan_many_(gs, new_flag(d)).to(dev))
+        for r in records:
+            local.bitwise_or_(r.ready(dev)[0])
         if self._norm_flag is not None:
             local.bitwise_or_(self._norm_flag.to(dev))
         flag = local.clone()
         if comm is not None:
             comm.all_reduce(flag, ReduceOp.MAX)
-        anywhere, here = torch.cat([flag, local]).tolist()
-        return bool(anywhere), bool(here)
+        folds = list(self._folds.items())
+        values = torch.cat([flag.double(), local.double(), *(f.reshape(1).double().to(dev) for _, f in folds)]).tolist()
+        return bool(values[0]), bool(values[1]), {k: v for (k, _), v in zip(folds, values[2:], strict=True)}
 
     def _justify_scale(self, new_scale: float) -> None:
         old, self.loss_scale = self.loss_scale, new_scale
@@ -264,10 +343,19 @@ class OptimManager:
             finish = getattr(opt, "finish_update", None)
             if finish is not None:
                 finish()  # a delayed update of the last step lands first, even if this step is skipped
-        found, here = False, False
-        if self.loss_scale_enabled or self._guarded:
-            found, here = self._found_overflow()
+        found, here, folds = False, False, dict[int, float]()
+        if self.loss_scale_enabled or self._guarded or self._folds:
+            found, here, folds = self._found_overflow()
+        found = found and (self.loss_scale_enabled or self._guarded)
+        bad = {k: v for k, v in folds.items() if not (math.isfinite(v) and v > 0)}
+        if bad and not found:
+            raise RuntimeError(
+                f"clip_grad_norm() after update_during_backward(defer=True) gave the clip factor {next(iter(bad.values()))} "
+                "(an inf/nan norm) on an unguarded manager: nothing was updated; use OptimManager(skip_nonfinite=True) "
+                "to skip such steps"
+            )
         self._norm_flag = None
+        self._checks, self._folds = {}, {}
         if found and not self.loss_scale_enabled:
             self._skip_nonfinite(here)
             return False
@@ -283,7 +371,8 @@ class OptimManager:
 
         for opt, scheduler in zip(self.optimizers, self.lr_schedulers, strict=True):
             if getattr(opt, "_bmtrain_optimizer", False):
-                opt.step(scale=self.loss_scale)  # type: ignore[call-overload]
+                # a clip after a checked backward: the update divides by the scale and the factor at once
+                opt.step(scale=self.loss_scale / folds.get(id(opt), 1.0))  # type: ignore[call-overload]
             else:
                 if self.loss_scale_enabled:
                     self._unscale(opt)
