@@ -1,7 +1,8 @@
 """The training benchmark of record: the yardstick trained with bmt, PyTorch FSDP2 and plain torch.
 
     python3 benchmarks/train/bench_train.py --config 1b --mb 4 [--ckpt full|recompute_all|selective|none] [--compile]
-        [--accum N] [--offload [step|overlap|eager|delayed]] [--impls plain,fsdp2,bmt] [--nproc N] [--out results.jsonl]
+        [--accum N] [--clip MAX_NORM] [--offload [step|overlap|eager|lazy|delayed]] [--no-guard]
+        [--impls plain,fsdp2,bmt] [--nproc N] [--out results.jsonl]
 
 One job, the runners one after the other, each in fresh processes launched with torchrun on every
 visible GPU (plain torch on one GPU only: it is the reference a sharding library is measured by):
@@ -53,13 +54,17 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offload", nargs="?", const="step", default=None, choices=("step", "overlap", "eager", "lazy", "delayed"),
                    help="bmt only: AdamOffloadOptimizer (CPU Adam); step: everything in step() (1.0.1), overlap: "
                         "gradients copied to the host during backward (overlap=True), eager: overlap plus the CPU Adam "
-                        "started during the last backward (OptimManager.update_during_backward(); needs --no-guard), "
+                        "started during the last backward (OptimManager.update_during_backward(); with the guard or --clip, each "
+                        "Block's gradients are checked as they arrive and every update starts at step()), "
                         "lazy: eager plus overlap_forward=True (each Block's new values land at its first read in the "
                         "next forward), "
                         "delayed: the one-step-delayed update (delay_update=True, changes numerics)")
     p.add_argument("--offload-fraction", type=float, default=1.0,
                    help="with --offload: AdamOffloadOptimizer(offload_fraction=...), the share of elements updated on the CPU")
     p.add_argument("--no-guard", action="store_true", help="bmt only: OptimManager(skip_nonfinite=False)")
+    p.add_argument("--clip", type=float, default=None, metavar="MAX_NORM",
+                   help="clip the gradients' global 2-norm before each step (plain, fsdp2: torch.nn.utils.clip_grad_norm_; "
+                        "bmt: OptimManager.clip_grad_norm)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated runners, in order")
     p.add_argument("--nproc", type=int, default=None, help="GPUs for fsdp2 and bmt (default: every visible GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -78,9 +83,8 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--impls takes {', '.join(IMPLS)}; got {', '.join(bad)}")
     if args.offload and args.impls != "bmt":
         p.error("--offload runs the bmt runner only: pass --impls bmt")
-    if args.offload in ("eager", "lazy") and not args.no_guard:
-        p.error(f"--offload {args.offload} starts the update before the backward ends, which the non-finite guard forbids: "
-                "add --no-guard")
+    if args.clip is not None and not args.clip > 0:
+        p.error(f"--clip must be > 0, got {args.clip}")
     return args
 
 
@@ -142,7 +146,7 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"\n{args.config} mb {args.mb} accum {args.accum} ckpt {args.ckpt}{' compile' if args.compile else ''}"
           f"{f' offload={args.offload}' if args.offload else ''}"
           f"{f' offload_fraction={args.offload_fraction}' if args.offload and args.offload_fraction < 1 else ''}"
-          f"{' no-guard' if args.no_guard else ''}, {device} x{nproc}, torch {torch.__version__}, {date}")
+          f"{' no-guard' if args.no_guard else ''}{f' clip={args.clip}' if args.clip else ''}, {device} x{nproc}, torch {torch.__version__}, {date}")
     if matmul is not None:
         print(f"bf16 matmul rate measured: {matmul['tflops']:.0f} TFLOP/s")
     print(f"{'impl':6} {'gpus':>4} {'step ms':>8} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9} {'vs plain':>8} {'vs fsdp2':>8}")
@@ -159,7 +163,7 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
             for r in rows:
                 r.update(config=args.config, mb=args.mb, accum=args.accum, ckpt=args.ckpt, compile=args.compile, offload=args.offload,
                          offload_fraction=args.offload_fraction if args.offload else None,
-                         guard=not args.no_guard, device=device, torch=torch.__version__, date=date)
+                         guard=not args.no_guard, clip=args.clip, device=device, torch=torch.__version__, date=date)
                 f.write(json.dumps(r) + "\n")
     return 0 if all(not r.get("failed") for r in rows) else 1
 
@@ -185,7 +189,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The parent's settings for a worker (never ``--out``: only the parent writes that file)."""
     argv = ["--config", args.config, "--mb", str(args.mb), "--accum", str(args.accum), "--ckpt", args.ckpt,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--impls", args.impls]
-    return argv + (["--offload", args.offload, "--offload-fraction", str(args.offload_fraction)] if args.offload else []) + ["--no-guard"] * args.no_guard + ["--compile"] * args.compile
+    return argv + (["--offload", args.offload, "--offload-fraction", str(args.offload_fraction)] if args.offload else []) + ["--no-guard"] * args.no_guard + ["--compile"] * args.compile + (
+        ["--clip", str(args.clip)] if args.clip else [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,8 @@ def plain(cfg: Config, args: argparse.Namespace) -> Step:
     def step() -> None:
         for ids, targets in batches:
             (model(ids, targets, cos, sin) / len(batches)).backward()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -95,6 +97,8 @@ def fsdp2(cfg: Config, args: argparse.Namespace) -> Step:
         for i, (ids, targets) in enumerate(batches):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # type: ignore[operator]
             (model(ids, targets, cos, sin) / len(batches)).backward()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip, foreach=True)  # DTensor gradients: one all-reduce
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -132,11 +136,15 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
     def step() -> None:
         for k, (ids, targets) in enumerate(batches):
             loss = model(ids, targets, cos, sin) / len(batches)
-            if eager and k == len(batches) - 1:  # the last backward: each Block's CPU Adam starts when it is done
+            # the last backward: each Block's CPU Adam starts when it is done (guarded or clipped:
+            # its gradients are checked then, and every update starts at step())
+            if eager and k == len(batches) - 1:
                 with manager.update_during_backward():
                     manager.backward(loss)
             else:
                 manager.backward(loss)
+        if args.clip:
+            manager.clip_grad_norm(opt.param_groups, max_norm=args.clip)
         manager.step()
         manager.zero_grad(set_to_none=True)  # as the peers' opt.zero_grad(set_to_none=True): no gradients between steps
         if args.offload and args.offload != "step":

@@ -28,9 +28,9 @@ def test_yardstick_sizes(config, billions):
 
 def test_workers_get_the_parents_settings_but_not_its_output_file():
     args = _options(["--config", "7b", "--accum", "2", "--no-guard", "--impls", "bmt", "--out", "x.jsonl",
-                     "--ckpt", "selective", "--compile"])
+                     "--ckpt", "selective", "--compile", "--clip", "0.5"])
     again = _options(_worker_argv(args))
-    for key in ("config", "mb", "accum", "ckpt", "compile", "offload", "no_guard", "steps", "warmup", "impls"):
+    for key in ("config", "mb", "accum", "ckpt", "compile", "offload", "no_guard", "clip", "steps", "warmup", "impls"):
         assert getattr(again, key) == getattr(args, key), key
     assert again.out is None and args.mb == 2
 
@@ -39,3 +39,11 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         _options(["--impls", "plain,deepspeed"])
     assert exc.value.code == 2 and "deepspeed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        _options(["--clip", "0"])
+    assert exc.value.code == 2 and "--clip must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_guarded_lazy_offload_with_clip_is_accepted():
+    args = _options(["--config", "7b", "--impls", "bmt", "--offload", "lazy", "--clip", "1.0"])
+    assert args.offload == "lazy" and not args.no_guard and args.clip == 1.0
