@@ -495,13 +495,18 @@ class AdamOffloadOptimizer(AdamBase):
             if ready:
                 self._start_from_copies(eager, ready, None)
         rest = [k for k in range(len(work)) if k not in started]
-        hosts = grads.collect([work[k][1] for k in rest])
-        jobs = []
-        for k, host in zip(rest, hosts, strict=True):
-            p = work[k][1]
-            jobs.append(HostJob(items[k]._replace(grad=host), host, host if host.dtype == p.dtype else self._out_buffer(p), items[k].param))
+        jobs = self._jobs_from_host([work[k][1] for k in rest], [items[k] for k in rest])
         after = self._queued_readers([job.target for job in jobs])
         self._land_rest_only(eager, jobs, after, self._adam_queue(), deltas)
+
+    def _jobs_from_host(self, params: list[torch.Tensor], items: list[OffloadItem]) -> list[HostJob]:
+        """Jobs that update ``params`` (their ``items``) from their host gradients, copying the stale ones."""
+        grads = self._grads
+        assert grads is not None
+        return [
+            HostJob(it._replace(grad=host), host, host if host.dtype == p.dtype else self._out_buffer(p), it.param)
+            for p, it, host in zip(params, items, grads.collect(params), strict=True)
+        ]
 
     def _queued_readers(
         self, targets: list[torch.Tensor], also: torch.cuda.Stream | None = None
@@ -551,11 +556,7 @@ class AdamOffloadOptimizer(AdamBase):
         same thread, then wait for all of them."""
         grads = self._grads
         assert grads is not None
-        hosts = grads.collect([p for _, p, _ in work])
-        jobs = [
-            HostJob(it._replace(grad=host), host, host if host.dtype == p.dtype else self._out_buffer(p), it.param)
-            for (_, p, _), it, host in zip(work, items, hosts, strict=True)
-        ]
+        jobs = self._jobs_from_host([p for _, p, _ in work], items)
         after = self._queued_readers([job.target for job in jobs])
         queue = self._adam_queue()
         if self.overlap_forward:
