@@ -61,6 +61,9 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
                         "delayed: the one-step-delayed update (delay_update=True, changes numerics)")
     p.add_argument("--offload-fraction", type=float, default=1.0,
                    help="with --offload: AdamOffloadOptimizer(offload_fraction=...), the share of elements updated on the CPU")
+    p.add_argument("--speculate", type=float, default=0.0, metavar="F",
+                   help="with --offload lazy: AdamOffloadOptimizer(speculative_fraction=F), the share of elements whose "
+                        "update may start during a guarded backward (backed up, undone if the step is skipped)")
     p.add_argument("--no-guard", action="store_true", help="bmt only: OptimManager(skip_nonfinite=False)")
     p.add_argument("--clip", type=float, default=None, metavar="MAX_NORM",
                    help="clip the gradients' global 2-norm before each step (plain, fsdp2: torch.nn.utils.clip_grad_norm_; "
@@ -83,6 +86,8 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--impls takes {', '.join(IMPLS)}; got {', '.join(bad)}")
     if args.offload and args.impls != "bmt":
         p.error("--offload runs the bmt runner only: pass --impls bmt")
+    if args.speculate and args.offload != "lazy":
+        p.error(f"--speculate needs --offload lazy (got --offload {args.offload})")
     if args.clip is not None and not args.clip > 0:
         p.error(f"--clip must be > 0, got {args.clip}")
     return args
@@ -146,6 +151,7 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"\n{args.config} mb {args.mb} accum {args.accum} ckpt {args.ckpt}{' compile' if args.compile else ''}"
           f"{f' offload={args.offload}' if args.offload else ''}"
           f"{f' offload_fraction={args.offload_fraction}' if args.offload and args.offload_fraction < 1 else ''}"
+          f"{f' speculate={args.speculate}' if args.speculate else ''}"
           f"{' no-guard' if args.no_guard else ''}{f' clip={args.clip}' if args.clip else ''}, {device} x{nproc}, torch {torch.__version__}, {date}")
     if matmul is not None:
         print(f"bf16 matmul rate measured: {matmul['tflops']:.0f} TFLOP/s")
@@ -163,6 +169,7 @@ def _parent(args: argparse.Namespace, argv: list[str]) -> int:
             for r in rows:
                 r.update(config=args.config, mb=args.mb, accum=args.accum, ckpt=args.ckpt, compile=args.compile, offload=args.offload,
                          offload_fraction=args.offload_fraction if args.offload else None,
+                         speculate=args.speculate if args.offload else None,
                          guard=not args.no_guard, clip=args.clip, device=device, torch=torch.__version__, date=date)
                 f.write(json.dumps(r) + "\n")
     return 0 if all(not r.get("failed") for r in rows) else 1
@@ -189,7 +196,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The parent's settings for a worker (never ``--out``: only the parent writes that file)."""
     argv = ["--config", args.config, "--mb", str(args.mb), "--accum", str(args.accum), "--ckpt", args.ckpt,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--impls", args.impls]
-    return argv + (["--offload", args.offload, "--offload-fraction", str(args.offload_fraction)] if args.offload else []) + ["--no-guard"] * args.no_guard + ["--compile"] * args.compile + (
+    return argv + (["--offload", args.offload, "--offload-fraction", str(args.offload_fraction),
+             "--speculate", str(args.speculate)] if args.offload else []) + ["--no-guard"] * args.no_guard + ["--compile"] * args.compile + (
         ["--clip", str(args.clip)] if args.clip else [])
 
 

@@ -123,7 +123,8 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
         opt = bmt.optim.AdamOffloadOptimizer(model.parameters(), lr=LR, overlap=args.offload in ("overlap", "eager"),
                                              delay_update=args.offload == "delayed",
                                              overlap_forward=args.offload == "lazy",
-                                             offload_fraction=args.offload_fraction)
+                                             offload_fraction=args.offload_fraction,
+                                             speculative_fraction=args.speculate)
     else:
         opt = bmt.optim.AdamOptimizer(model.parameters(), lr=LR)
     manager = bmt.optim.OptimManager(loss_scale=None, skip_nonfinite=not args.no_guard)
@@ -152,7 +153,15 @@ def bmt_runner(cfg: Config, args: argparse.Namespace) -> Step:
             cpu_adam_s.append(opt.cpu_update_seconds)  # type: ignore[union-attr]
 
     cpu_adam_s: list[float] = []
-    step.extra = lambda: {"cpu_adam_ms": statistics.median(cpu_adam_s[-args.steps:]) * 1e3} if cpu_adam_s else {}  # type: ignore[attr-defined]
+
+    def extra() -> dict[str, Any]:
+        out: dict[str, Any] = {"cpu_adam_ms": statistics.median(cpu_adam_s[-args.steps:]) * 1e3} if cpu_adam_s else {}
+        if args.speculate:
+            s = opt.speculation  # type: ignore[union-attr]
+            out["speculated"] = {"started": s.started, "kept": s.kept, "undone": s.undone}  # elements, all steps
+        return out
+
+    step.extra = extra  # type: ignore[attr-defined]
     return step
 
 

@@ -27,9 +27,11 @@ STEPS = 4
 NAN_STEP = 1
 
 
-def _run(dtype: torch.dtype, plain_head: bool, mode: str, checked: bool, lazy: bool) -> dict[str, Any]:
+def _run(dtype: torch.dtype, plain_head: bool, mode: str, checked: bool, lazy: bool, spec: float = 0.0) -> dict[str, Any]:
     """Train ``STEPS`` steps of two micro-batches; ``checked``: the last backward of each step runs
-    inside ``update_during_backward()``. Returns the final state, the norms and what was taken."""
+    inside ``update_during_backward()`` (``spec``: with that ``speculative_fraction``). Returns the
+    final state, the norms, what was taken and, per step, the elements speculated (started, kept,
+    undone)."""
     import bmt_comm
     from bmt_optim import AdamOffloadOptimizer, OptimManager
 
@@ -38,12 +40,13 @@ def _run(dtype: torch.dtype, plain_head: bool, mode: str, checked: bool, lazy: b
     mask = causal_mask(cfg.seq).to(_device())
     model = _build(cfg, dtype, plain_head)
     opt = AdamOffloadOptimizer(model.parameters(), lr=LR, weight_decay=0.1, chunk_numel=100, num_threads=2,
-                               overlap=checked, overlap_forward=checked and lazy)
+                               overlap=checked, overlap_forward=checked and lazy, speculative_fraction=spec)
     manager = OptimManager(loss_scale=1024.0 if mode == "scale" else None)
     manager.add_optimizer(opt)
     block_params = list(model.blocks.parameters()) + ([] if plain_head else list(model.head.parameters()))
-    taken, norms, scales = [], [], []
+    taken, norms, scales, speculated = [], [], [], []
     for step in range(STEPS):
+        counted = (opt.speculation.started, opt.speculation.kept, opt.speculation.undone)
         x, target = batch(cfg, 4 * world, seed=90 + step)
         x, target = rows(x, rank, world).to(_device()), rows(target, rank, world).to(_device())
         if step == NAN_STEP and rank == world - 1:
@@ -65,6 +68,8 @@ def _run(dtype: torch.dtype, plain_head: bool, mode: str, checked: bool, lazy: b
                 manager.backward(loss)
         if mode == "edit" and step == 2:
             next(model.blocks.parameters()).grad.mul_(3)  # after its check and copy: read again at the step
+        if mode == "state" and step == 2:
+            opt.state_dict()  # between the backward and the step: a speculative update is undone (redone at the step)
         if mode == "clip" and step != NAN_STEP:
             before = [p.grad.clone() for p in block_params] if checked else []
             norms.append(manager.clip_grad_norm(opt.param_groups, max_norm=0.05).item())
@@ -74,7 +79,9 @@ def _run(dtype: torch.dtype, plain_head: bool, mode: str, checked: bool, lazy: b
                 assert torch.equal(p.grad, g), "a checked step's clip changed a device gradient"
         taken.append(manager.step())
         scales.append(manager.loss_scale)
-        if checked and lazy and taken[-1]:
+        now = (opt.speculation.started, opt.speculation.kept, opt.speculation.undone)
+        speculated.append(tuple(b - a for a, b in zip(counted, now, strict=True)))
+        if checked and lazy and taken[-1] and not (mode == "edit" and step == 2):  # (edited: updated in step())
             assert set(opt._lazy) == {id(p) for p in block_params}, f"step {step}: not every Block's update is pending"
         if step == 0:
             first = _masters(opt)  # (lands the updates in flight)
@@ -83,17 +90,20 @@ def _run(dtype: torch.dtype, plain_head: bool, mode: str, checked: bool, lazy: b
     if checked:
         assert not opt._lazy
         _check_queue_used(opt, dtype)
-    return {"state": state, "norms": norms, "taken": taken, "scales": scales, "first": first, "masters": _masters(opt)}
+    return {"state": state, "norms": norms, "taken": taken, "scales": scales, "first": first, "masters": _masters(opt),
+            "speculated": speculated}
 
 
 def _masters(opt: Any) -> dict[int, torch.Tensor]:
     return {i: s["_param_fp32"].clone() for i, s in opt.state_dict()["state"].items() if "_param_fp32" in s}
 
 
-def _checked_matches_default(dtype_name: str, plain_head: bool, mode: str, lazy: bool = False) -> None:
+def _checked_matches_default(dtype_name: str, plain_head: bool, mode: str, lazy: bool = False, spec: float = 0.0) -> None:
     dtype = getattr(torch, dtype_name)
     default = _run(dtype, plain_head, mode, checked=False, lazy=False)
-    checked = _run(dtype, plain_head, mode, checked=True, lazy=lazy)
+    checked = _run(dtype, plain_head, mode, checked=True, lazy=lazy, spec=spec)
+    if spec:
+        _check_speculated(checked["speculated"], mode, spec, dtype)
     want = [step != NAN_STEP for step in range(STEPS)]
     assert default["taken"] == checked["taken"] == want, (default["taken"], checked["taken"])
     assert default["scales"] == checked["scales"], (default["scales"], checked["scales"])
@@ -179,3 +189,62 @@ def _checked_rules() -> None:
 @pytest.mark.parametrize("world_size", [1])
 def test_checked_backward_rules(spawn: Any, world_size: int) -> None:
     spawn(_checked_rules)
+
+
+def _check_speculated(per_step: list[tuple[int, int, int]], mode: str, spec: float, dtype: torch.dtype) -> None:
+    """What the speculative updates did, step by step: (elements started, kept, undone)."""
+    from bmt_optim.cpu_adam import native_available
+
+    if dtype == torch.float32 or not native_available():  # fp32: torch's Adam, never speculative
+        assert all(s == (0, 0, 0) for s in per_step), per_step
+        return
+    for step, (started, kept, undone) in enumerate(per_step):
+        assert started > 0 and kept + undone == started, (step, per_step)
+        if step == NAN_STEP:
+            assert kept == 0, f"step {step} was skipped but kept a speculative update: {per_step}"
+        elif mode in ("guard", "scale"):
+            assert undone == 0, f"step {step}: a speculative update was undone for nothing: {per_step}"
+        elif mode in ("edit", "state") and step == 2:
+            assert undone > 0, f"step {step}: the edited gradient's update was kept: {per_step}"
+    if mode == "clip":  # max_norm 0.05: every step scales its gradients
+        assert all(kept == 0 for s, (_, kept, _) in enumerate(per_step)), per_step
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("mode", ["guard", "scale", "edit", "state", "clip"])
+def test_speculative_updates_are_exact(spawn: Any, world_size: int, mode: str) -> None:
+    """``speculative_fraction=1``: every Block's update starts during the checked backward; a
+    skipped step (nan on one rank, an overflow), an edited gradient, a state dict taken before the
+    step or a clip undoes it, and the result is the default step's (bit for bit; a clip to its
+    rounding, as without speculation)."""
+    spawn(_checked_matches_default, "bfloat16", world_size == 1, mode, True, 1.0)
+
+
+@pytest.mark.parametrize("world_size", [1])
+def test_speculative_fraction_bounds_the_backup(spawn: Any, world_size: int) -> None:
+    spawn(_partial_speculation)
+
+
+def _partial_speculation() -> None:
+    """A fraction: the last Blocks to arrive only; still exact."""
+    from bmt_optim.cpu_adam import native_available
+
+    _checked_matches_default("bfloat16", True, "guard", True, 0.4)
+    if not native_available():
+        return
+    run = _run(torch.bfloat16, True, "guard", checked=True, lazy=True, spec=0.4)
+    cfg = Config()
+    total = sum(p.numel() for p in _build(cfg, torch.bfloat16, True).parameters())
+    for started, _, _ in run["speculated"]:
+        assert 0 < started <= 0.4 * total, (started, total)
+
+
+def test_speculative_fraction_rules() -> None:
+    from bmt_optim import AdamOffloadOptimizer
+
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    with pytest.raises(ValueError, match=r"speculative_fraction=0.5 needs overlap_forward=True"):
+        AdamOffloadOptimizer(p, overlap=True, speculative_fraction=0.5)
+    for bad in (-0.1, 1.5, "1"):
+        with pytest.raises(ValueError, match=r"speculative_fraction must be in \[0, 1\]"):
+            AdamOffloadOptimizer(p, overlap_forward=True, speculative_fraction=bad)  # type: ignore[arg-type]

@@ -63,6 +63,13 @@ def test_checked_backward_with_overlap_forward_on_gpu(spawn: Any, mode: str) -> 
     spawn(_checked_matches_default, "bfloat16", True, mode, True)
 
 
+@pytest.mark.parametrize("mode", ["guard", "scale", "edit", "state", "clip"])
+def test_speculative_updates_on_gpu(spawn: Any, mode: str) -> None:
+    """``speculative_fraction=1``: updates started during the checked backward, kept or undone at
+    the step (host->device copies only once kept): equal to the default step as on CPU."""
+    spawn(_checked_matches_default, "bfloat16", True, mode, True, 1.0)
+
+
 def test_checked_backward_rules_on_gpu(spawn: Any) -> None:
     spawn(_checked_rules)
 

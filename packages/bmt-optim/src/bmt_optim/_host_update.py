@@ -14,7 +14,9 @@ parameters: torch's Adam) itself. Without a queue ``land`` calls the update func
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -23,7 +25,7 @@ from ._offload_pipeline import OffloadItem, UpdateFn
 from .cpu_adam import CpuAdamQueue
 from .kernels_adam import AdamScalars
 
-__all__ = ["HostJob", "HostResult", "HostUpdate", "start_host_update", "update_from_host"]
+__all__ = ["HostJob", "HostResult", "HostUpdate", "Landing", "start_host_update", "update_from_host"]
 
 
 Streams = dict[torch.device, torch.cuda.Stream]  # per device: the side stream of the host->device copies
@@ -71,6 +73,12 @@ class HostUpdate:
                 self._queue.settle([c.ticket for c in self._chunks[self._next :] if c.ticket is not None])
             raise
 
+    def settle(self) -> None:
+        """Wait for every queued chunk, ignoring their errors, and copy nothing: an update that is
+        dropped (undone) leaves no job that still reads or writes its memory."""
+        if self._queue is not None:
+            self._queue.settle([c.ticket for c in self._chunks if c.ticket is not None])
+
     def _land(self, update: UpdateFn, h2d: Streams, after: Events) -> HostResult:
         waited: set[torch.device] = set()
         cpu = 0.0
@@ -102,6 +110,16 @@ class HostUpdate:
             event.record(h2d[device])
             done[device] = event
         return HostResult(done, cpu)
+
+
+@dataclass
+class Landing:
+    """An update started during backward whose new values are copied in when a Block first reads
+    them (``overlap_forward``), or at the latest by ``finish_update``."""
+
+    fed: concurrent.futures.Future[HostUpdate]  # the feeder thread's start of the update
+    after: Events  # what its host->device copies wait for
+    params: list[torch.Tensor]
 
 
 def start_host_update(

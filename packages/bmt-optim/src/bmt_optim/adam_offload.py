@@ -37,6 +37,10 @@ Hiding the CPU (all opt-in; the default is 1.0.1's step, where everything happen
   (after one all-reduce of the flag) starts every update from the host copies. A clip is applied
   inside the update (its factor joins the scale) instead of rewriting the device gradients.
   Exact without clipping; with it, to the rounding of the clipped gradient (see the manager).
+- ``speculative_fraction=f`` (with ``overlap_forward``; after a checked backward): the updates of
+  the Blocks whose gradients arrive first, up to ``f`` of the elements, start during the
+  backward after a host backup of their state, and ``step`` keeps or undoes them (see
+  ``_speculation``). Exact either way; 14 bytes of host memory per element of ``f``.
 - ``overlap_forward=True`` (implies ``overlap``) with ``update_during_backward``: ``step`` waits
   only for the parameters outside Blocks. The Blocks' updates run newest first (the order the
   next forward needs them; after a checked backward they all start at ``step``, in that order)
@@ -84,8 +88,17 @@ import torch
 from ._adam_base import AdamBase, ParamsT
 from ._grad_checks import BackwardChecks
 from ._grad_stream import GradStream
-from ._host_update import Events, HostJob, HostResult, HostUpdate, start_host_update, update_from_host
+from ._host_update import (
+    Events,
+    HostJob,
+    HostResult,
+    HostUpdate,
+    Landing,
+    start_host_update,
+    update_from_host,
+)
 from ._offload_pipeline import OffloadItem, OffloadPipeline, UpdateScalars
+from ._speculation import BackupPool, Saved, Speculation, SpeculationStats, back_up, restore
 from ._torch_adam import TorchAdamArgs, torch_adam_
 from .cpu_adam import (
     CpuAdamBackend,
@@ -111,16 +124,6 @@ class _Pending(NamedTuple):
 
 
 @dataclass
-class _Landing:
-    """An update started during backward whose new values are copied in when a Block first reads
-    them (``overlap_forward``), or at the latest by ``finish_update``."""
-
-    fed: concurrent.futures.Future[HostUpdate]  # the feeder thread's start of the update
-    after: Events  # what its host->device copies wait for
-    params: list[torch.Tensor]
-
-
-@dataclass
 class _LazyStep:
     """The landings of one step still to come (``overlap_forward``)."""
 
@@ -136,9 +139,12 @@ class _Eager:
 
     groups: dict[int, dict[str, Any]]  # id(param) -> its group
     checks: BackwardChecks | None = None  # a guarded, scaled or clipped step: nothing starts in backward
+    scale: float = 1.0  # checked: the scale the manager's step will pass (speculative updates use it)
+    # checked with speculative_fraction: updates started before the step's decision, undone if it differs
+    speculated: list[Speculation] = field(default_factory=list)
     done: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> param, update started
     futures: list[concurrent.futures.Future[HostResult]] = field(default_factory=list)
-    landings: list[_Landing] = field(default_factory=list)  # overlap_forward: instead of futures
+    landings: list[Landing] = field(default_factory=list)  # overlap_forward: instead of futures
     deltas: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
@@ -149,7 +155,8 @@ class AdamOffloadOptimizer(AdamBase):
     ``step`` (int); with ``record_delta``, ``_delta_info``. Keyword-only tuning: ``chunk_numel`` (elements per pipeline chunk),
     ``num_threads`` (CPU Adam threads; default: ``default_offload_threads()``, this process's
     share of the host's CPUs, less one with CUDA), ``overlap``, ``delay_update``,
-    ``overlap_forward`` and ``offload_fraction`` (see the module's documentation). ``cpu_update_seconds``: the time
+    ``overlap_forward``, ``offload_fraction`` and ``speculative_fraction`` (see the module's
+    documentation; ``speculation`` counts the elements speculated). ``cpu_update_seconds``: the time
     spent in the CPU Adam calls of the last update that finished (with ``overlap`` or
     ``delay_update``).
     """
@@ -172,6 +179,7 @@ class AdamOffloadOptimizer(AdamBase):
         delay_update: bool = False,
         offload_fraction: float = 1.0,
         overlap_forward: bool = False,
+        speculative_fraction: float = 0.0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, hold_steps, maximize=maximize,
@@ -208,6 +216,18 @@ class AdamOffloadOptimizer(AdamBase):
         # a step after update_during_backward() returns before the Blocks' new values are in: each
         # Block's first read (its gather) lands its own (exact; ordered by stream events)
         self.overlap_forward = overlap_forward
+        if not (isinstance(speculative_fraction, (int, float)) and 0.0 <= speculative_fraction <= 1.0):
+            raise ValueError(f"speculative_fraction must be in [0, 1], got {speculative_fraction!r}")
+        if speculative_fraction and not overlap_forward:
+            raise ValueError(
+                f"speculative_fraction={speculative_fraction!r} needs overlap_forward=True: only its updates are copied "
+                "to the parameters after the step's decision, so only they can be undone"
+            )
+        # after a checked backward, up to this fraction of the elements is updated before the
+        # step's decision (backed up first, undone if the step differs): the CPU works during the backward
+        self.speculative_fraction = float(speculative_fraction)
+        self._backups: BackupPool | None = None  # made at the first checked backward
+        self.speculation = SpeculationStats()
         self.delay_update = delay_update  # step t's update lands at step t+1 (changes numerics)
         self._chunk_numel = chunk_numel
         self._grads = GradStream(sets=2 if delay_update else 1) if self.overlap else None
@@ -227,7 +247,7 @@ class AdamOffloadOptimizer(AdamBase):
         self._feeder = concurrent.futures.ThreadPoolExecutor(1, "bmt-offload-feed") if self.overlap else None
         self._queue: CpuAdamQueue | None = None  # the C++ chunks' own thread (overlap / delay_update), made on first use
         self._priority = 0  # overlap_forward: each started update runs before those started earlier
-        self._lazy: dict[int, _Landing] = {}  # overlap_forward: id(param) -> its update, not landed yet
+        self._lazy: dict[int, Landing] = {}  # overlap_forward: id(param) -> its update, not landed yet
         self._lazy_step: _LazyStep | None = None
         self._flush = bmt_comm.register_pending_writes(self.finish_update) if delay_update or overlap_forward else None
         self._param_wait = bmt_comm.register_param_wait(self._land_params) if overlap_forward else None
@@ -297,10 +317,13 @@ class AdamOffloadOptimizer(AdamBase):
             work = self._finish_eager_checks(eager, work, scale)
         landing = self._device_update([w for w in work if id(w[1]) in self._on_device], scale)
         work = [w for w in work if id(w[1]) not in self._on_device]
+        kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        if eager is not None and eager.speculated:
+            work, kept = self._keep_speculation(eager, work, scale)
         items = [self._item(group, p, grad, scale) for group, p, grad in work]
         deltas = [(p, it.delta) for (_, p, _), it in zip(work, items, strict=True)]
         if eager is not None and eager.checks is not None:
-            self._step_checked_lazy(eager, work, items, deltas)
+            self._step_checked_lazy(eager, work, items, kept + deltas)
             return loss
         if eager is not None:
             self._step_after_eager(eager, work, items, deltas)
@@ -383,11 +406,13 @@ class AdamOffloadOptimizer(AdamBase):
         )
 
     # --- update during backward (OptimManager.update_during_backward) ------------------------
-    def _arm_backward_update(self, check: bool = False) -> BackwardChecks | None:
+    def _arm_backward_update(self, check: bool = False, scale: float = 1.0) -> BackwardChecks | None:
         """Until ``_disarm_backward_update``, each gradient that this optimizer's copies bring to
         the host is final: its update starts at once, on the background thread. ``check``: instead,
         each is checked as it arrives (returned: the records, for the manager) and every update
-        starts at the step, which the checks let go ahead (``_step_checked_lazy``)."""
+        starts at the step, which the checks let go ahead (``_step_checked_lazy``); with
+        ``speculative_fraction``, some start at once, at ``scale`` (the step's if nothing is
+        clipped), and are undone if the step differs."""
         if self._grads is None or self.delay_update:
             raise ValueError(
                 "update_during_backward() needs AdamOffloadOptimizer(overlap=True) without delay_update "
@@ -398,11 +423,19 @@ class AdamOffloadOptimizer(AdamBase):
                 "update_during_backward(): an update already started during an earlier backward since the last "
                 "step(); only the last micro-batch's backward may run inside update_during_backward()"
             )
+        self._undo_speculation()  # a checked backward again before the step: it starts over
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
         if check:
             checks = BackwardChecks(self._grads.is_current)
-            self._eager = _Eager(groups, checks)
+            self._eager = _Eager(groups, checks, self._check_scale(scale))
             self._grads.measure = checks.measure
+            if self.speculative_fraction and self._adam_queue() is not None:
+                if self._backups is None:
+                    total = sum(p.numel() for p in self._offloaded())
+                    pin = any(p.device.type == "cuda" for p in self._offloaded())
+                    self._backups = BackupPool(int(self.speculative_fraction * total), pin)
+                self._backups.reset()
+                self._grads.on_copied = self._speculate
             return checks
         self._eager = _Eager(groups)
         self._grads.on_copied = self._update_in_backward
@@ -438,17 +471,24 @@ class AdamOffloadOptimizer(AdamBase):
             self._start_from_copies(eager, ready, produced_on)
 
     def _start_from_copies(
-        self, eager: _Eager, ready: list[tuple[int, OffloadItem]], produced_on: torch.cuda.Stream | None
-    ) -> None:
+        self,
+        eager: _Eager,
+        ready: list[tuple[int, OffloadItem]],
+        produced_on: torch.cuda.Stream | None,
+        prepare: Callable[[], None] | None = None,
+        outs: list[torch.Tensor] | None = None,
+    ) -> Landing | None:
         """Start the update of parameters whose gradients' copies are queued (``ready``: their
-        indices in the gradient stream, and their items), behind the updates started before."""
+        indices in the gradient stream, and their items), behind the updates started before
+        (``prepare`` first, on the feeder thread; the new values into ``outs``, by default over
+        the host gradients where the dtypes agree). Returns its landing (``overlap_forward``)."""
         grads = self._grads
         assert grads is not None
         jobs, copies, started = [], [], []
-        for i, item in ready:
+        for k, (i, item) in enumerate(ready):
             p = grads.param(i)
             host, event = grads.copied(i)
-            out = host if host.dtype == p.dtype else self._out_buffer(p)
+            out = outs[k] if outs is not None else host if host.dtype == p.dtype else self._out_buffer(p)
             jobs.append(HostJob(item._replace(grad=host), host, out, item.param))  # no reference to the device gradient
             copies.append(event)
             started.append(p)
@@ -459,15 +499,103 @@ class AdamOffloadOptimizer(AdamBase):
         priority = self._priority if self.overlap_forward else 0  # newest first: the next forward's order
 
         def feed() -> HostUpdate:
+            if prepare is not None:
+                prepare()
             for e in landed:
                 e.synchronize()  # the gradient is on the host
             return start_host_update(jobs, self._chunk_numel, queue, priority)
 
         if self.overlap_forward:
             assert self._feeder is not None
-            eager.landings.append(_Landing(self._feeder.submit(feed), after, started))
-            return
+            landing = Landing(self._feeder.submit(feed), after, started)
+            eager.landings.append(landing)
+            return landing
         eager.futures.append(self._in_background(feed, after))
+        return None
+
+    # --- speculative_fraction: updates started before the step's decision ----------------------
+    def _speculate(self, indices: list[int], produced_on: torch.cuda.Stream | None) -> None:
+        """A checked backward's gradient-ready hook (after the checks and copies are queued):
+        start the update of these parameters now if the backup has room for their state."""
+        eager, grads, pool = self._eager, self._grads, self._backups
+        assert eager is not None and grads is not None and pool is not None
+        saved: list[Saved] = []
+        ready, outs = [], []
+        for i in indices:
+            p = grads.param(i)
+            group, grad = eager.groups.get(id(p)), p.grad
+            if (
+                group is None
+                or grad is None
+                or not p.requires_grad
+                or p.dtype not in (torch.float16, torch.bfloat16)  # fp32: torch's Adam, run only at landing
+                or not (p.is_contiguous() and grad.is_contiguous())  # the step raises for it
+                or id(p) in self._on_device
+            ):
+                continue
+            taken = pool.take(p.numel(), p.dtype)
+            if taken is None:
+                continue
+            backup, out = taken
+            state = self.state[p]
+            new, before = not state, int(state.get("step", 0))
+            item = self._item(group, p, grad, eager.scale)
+            assert isinstance(item.scalars, AdamScalars)
+            saved.append(Saved(p, before, new, backup, item.scalars, item.delta))
+            ready.append((i, item))
+            outs.append(out)
+        if not ready:
+            return
+        spec = Speculation(Landing(concurrent.futures.Future(), {}, []), saved)
+        state_map = self.state
+        landing = self._start_from_copies(eager, ready, produced_on, lambda: back_up(spec, state_map), outs)
+        assert landing is not None
+        spec.landing = landing
+        eager.speculated.append(spec)
+        self.speculation.started += sum(s.param.numel() for s in saved)
+
+    def _keep_speculation(
+        self, eager: _Eager, work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]], scale: float
+    ) -> tuple[list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor | None]]]:
+        """At the step: keep the speculative updates that used what this step uses, undo the others.
+        Returns the work left (without the kept ones) and the kept ones' record_delta sums."""
+        grads = self._grads
+        assert grads is not None
+        groups = {id(p): g for g, p, _ in work}
+        kept: list[Speculation] = []
+        undo: list[Speculation] = []
+        for spec in eager.speculated:
+            same = all(
+                id(s.param) in groups
+                and grads.is_current(s.param)
+                and self._scalars(groups[id(s.param)], s.step + 1, scale) == s.scalars
+                for s in spec.saved
+            )
+            (kept if same else undo).append(spec)
+        eager.speculated = undo
+        self._undo_speculation(eager)  # (no longer self._eager: the step took it)
+        done = {id(s.param) for spec in kept for s in spec.saved}
+        self.speculation.kept += sum(s.param.numel() for spec in kept for s in spec.saved)
+        return [w for w in work if id(w[1]) not in done], [(s.param, s.delta) for spec in kept for s in spec.saved]
+
+    def _undo_speculation(self, eager: _Eager | None = None) -> None:
+        """Undo every speculative update of ``eager`` (default: the current checked backward's):
+        wait for its chunks and copy its backup back (its host gradient is as it was copied)."""
+        eager = eager or self._eager
+        if eager is None or not eager.speculated:
+            return
+        specs, eager.speculated = eager.speculated, []
+        error: BaseException | None = None
+        for spec in specs:
+            eager.landings.remove(spec.landing)
+            try:
+                spec.landing.fed.result().settle()
+            except BaseException as e:  # noqa: BLE001 - the feed failed (start_host_update settled its chunks); raised below
+                error = error or e
+            restore(spec, self.state)
+            self.speculation.undone += sum(s.param.numel() for s in spec.saved)
+        if error is not None:
+            raise error
 
     def _step_checked_lazy(
         self,
@@ -610,7 +738,7 @@ class AdamOffloadOptimizer(AdamBase):
             if self.record_delta:
                 self._record_delta(step.deltas)
 
-    def _land(self, landing: _Landing) -> None:
+    def _land(self, landing: Landing) -> None:
         for p in landing.params:
             self._lazy.pop(id(p), None)
         step = self._lazy_step
@@ -720,15 +848,18 @@ class AdamOffloadOptimizer(AdamBase):
     def zero_grad(self, set_to_none: bool = False) -> None:
         super().zero_grad(set_to_none)
         if self._eager is not None and self._eager.checks is not None:
-            self._eager = None  # a checked backward (nothing started) whose step was skipped
+            self._undo_speculation()  # the step was skipped: what started during its backward is undone
+            self._eager = None  # a checked backward (nothing else started) whose step was skipped
         if self._grads is not None:
             self._grads.forget()  # a new gradient could sit where the old one was copied from
 
     def state_dict(self, gather: bool = False) -> dict[str, Any]:  # type: ignore[override]
+        self._undo_speculation()  # before the step's decision the state is the last step's (redone at the step)
         self.finish_update()  # the state and the parameters describe the same step
         return super().state_dict(gather)
 
     def load_state_dict(self, state_dict: Any) -> None:
+        self._undo_speculation()  # an update from before the load must not be kept by the next step
         self.finish_update()  # a landing after the load would overwrite what it loaded
         super().load_state_dict(state_dict)
 
@@ -744,6 +875,9 @@ class AdamOffloadOptimizer(AdamBase):
         queue = getattr(self, "_queue", None)
         if queue is not None:
             queue.close()
+        backups = getattr(self, "_backups", None)
+        if backups is not None:
+            backups.close()  # after the queue: no job writes its buffers any more
         grads = getattr(self, "_grads", None)
         if grads is not None:
             grads.close()

@@ -178,7 +178,8 @@ class OptimManager:
             )
         checks = {}
         for opt in armed:
-            record = opt._arm_backward_update(not start_now)  # type: ignore[attr-defined]
+            # (the scale its step gets when nothing is clipped: speculative updates start at it)
+            record = opt._arm_backward_update(not start_now, scale=self.loss_scale)  # type: ignore[attr-defined]
             if record is not None:
                 checks[id(opt)] = (opt, record)
         self._checks = checks
