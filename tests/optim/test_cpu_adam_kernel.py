@@ -232,3 +232,37 @@ def test_stream_probe_adds_the_gradient_to_three_arrays() -> None:
         assert torch.equal(got, w)
     with pytest.raises(ValueError, match="num_threads >= 1, got n=8, num_threads=0"):
         mod.stream_probe(a.data_ptr(), b.data_ptr(), c.data_ptr(), g.data_ptr(), 8, 0)
+
+
+@pytest.mark.parametrize("backend", [CpuAdamBackend.NATIVE, CpuAdamBackend.TORCH], ids=str)
+def test_out_of_place_equals_in_place_and_leaves_the_inputs(simd: Any, backend: CpuAdamBackend) -> None:
+    """``into``: the new master and moments go elsewhere, bit for bit the in-place result, and
+    the inputs are only read (the speculative offload update drops such a result unseen)."""
+    for level in levels() if backend is CpuAdamBackend.NATIVE else ["-"]:
+        if backend is CpuAdamBackend.NATIVE:
+            simd.set_simd(level)
+        for n in SIZES:
+            state, grad = problem(n, torch.bfloat16)
+            ref, src = [t.clone() for t in state], [t.clone() for t in state]
+            into = (torch.full((n,), 7.0), torch.full((n,), 7.0), torch.full((n,), 7.0))
+            out_ref, out = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+            cpu_adam_update(*ref, grad, out_ref, S, backend=backend, num_threads=3)
+            cpu_adam_update(*src, grad, out, S, backend=backend, num_threads=3, into=into)
+            where = f"{backend} {level} n={n}"
+            for name, a, b in zip(("master", "exp_avg", "exp_avg_sq"), ref, into, strict=True):
+                assert torch.equal(a, b), f"{where}: the new {name} differs from the in-place update's"
+            assert torch.equal(out, out_ref), where
+            for name, a, b in zip(("master", "exp_avg", "exp_avg_sq"), src, state, strict=True):
+                assert torch.equal(a, b), f"{where}: the out-of-place update wrote its input {name}"
+
+
+def test_out_of_place_arguments_are_checked() -> None:
+    state, grad = problem(8, torch.float32)
+    with pytest.raises(ValueError, match=r"the new exp_avg \(into\) of 8 elements"):
+        cpu_adam_update(*state, grad, None, S, into=(torch.zeros(8), torch.zeros(4), torch.zeros(8)))
+    mod = native_module()
+    assert mod is not None
+    ptr = state[0].data_ptr()
+    with pytest.raises(ValueError, match="all three .* or none"):
+        mod.adam_step(ptr, state[1].data_ptr(), state[2].data_ptr(), grad.data_ptr(), 0, 0, 0, 8, 1.0, 0.1, 0.9, 0.1,
+                      1e-8, 1e-3, 1.0, 1.0, 1, master_out=torch.zeros(8).data_ptr())

@@ -90,9 +90,14 @@ struct Stats {
 };
 
 struct Job {
-  float* master;
-  float* exp_avg;
-  float* exp_avg_sq;
+  const float* master;
+  const float* exp_avg;
+  const float* exp_avg_sq;
+  // where the new master and moments go: the inputs themselves (in place), or other memory
+  // (out of place: the inputs are left as they were, so an update can be dropped unseen)
+  float* master_out;
+  float* exp_avg_out;
+  float* exp_avg_sq_out;
   const void* grad;
   Dtype grad_dtype;
   void* out;  // nullptr: no low-precision output
@@ -195,9 +200,9 @@ void adam_scalar_impl(const Job& j, int64_t begin, int64_t end, Stats* stats) {
     const float denom = div_bc2(std::sqrt(v), h) + h.eps;
     if constexpr (kStats) stats->add(std::fma(h.weight_decay, p_old, (m * h.inv_bc1) / denom));
     p = p - (h.step_size * m) / denom;
-    j.master[i] = p;
-    j.exp_avg[i] = m;
-    j.exp_avg_sq[i] = v;
+    j.master_out[i] = p;
+    j.exp_avg_out[i] = m;
+    j.exp_avg_sq_out[i] = v;
     if (j.out) store_scalar(j.out, j.out_dtype, i, p);
   }
 }
@@ -252,7 +257,8 @@ BMT_AVX2 inline __m256 avx2_div_bc2(__m256 s, const Hyper& h) {  // as div_bc2
 
 // Returns the update direction when kStats (else nothing worth reading).
 template <bool kStats>
-BMT_AVX2 inline __m256 avx2_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
+BMT_AVX2 inline __m256 avx2_body(const float* master, const float* ea, const float* eas, float* master_o, float* ea_o,
+                                 float* eas_o, const void* grad, Dtype gd, void* out,
                                  Dtype od, int64_t i, const Hyper& h) {
   const __m256 g = _mm256_mul_ps(avx2_load(grad, gd, i), _mm256_set1_ps(h.grad_mul));
   const __m256 p_old = _mm256_loadu_ps(master + i);
@@ -263,9 +269,9 @@ BMT_AVX2 inline __m256 avx2_body(float* master, float* ea, float* eas, const voi
   v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h.one_minus_beta2), g), g, _mm256_mul_ps(v, _mm256_set1_ps(h.beta2)));
   const __m256 denom = _mm256_add_ps(avx2_div_bc2(_mm256_sqrt_ps(v), h), _mm256_set1_ps(h.eps));
   const __m256 p = _mm256_sub_ps(p0, _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(h.step_size), m), denom));
-  _mm256_storeu_ps(master + i, p);
-  _mm256_storeu_ps(ea + i, m);
-  _mm256_storeu_ps(eas + i, v);
+  _mm256_storeu_ps(master_o + i, p);
+  _mm256_storeu_ps(ea_o + i, m);
+  _mm256_storeu_ps(eas_o + i, v);
   if (out) avx2_store(out, od, i, p);
   if constexpr (kStats)
     return _mm256_fmadd_ps(_mm256_set1_ps(h.weight_decay), p_old,
@@ -295,9 +301,9 @@ inline void tail_load(const Job& j, int64_t i, int64_t r, Tail& t) {
 }
 
 inline void tail_store(const Job& j, int64_t i, int64_t r, const Tail& t) {
-  std::memcpy(j.master + i, t.master, r * 4);
-  std::memcpy(j.exp_avg + i, t.exp_avg, r * 4);
-  std::memcpy(j.exp_avg_sq + i, t.exp_avg_sq, r * 4);
+  std::memcpy(j.master_out + i, t.master, r * 4);
+  std::memcpy(j.exp_avg_out + i, t.exp_avg, r * 4);
+  std::memcpy(j.exp_avg_sq_out + i, t.exp_avg_sq, r * 4);
   const size_t os = dtype_size(j.out_dtype);
   if (j.out) std::memcpy(static_cast<char*>(j.out) + i * os, t.out, r * os);
 }
@@ -307,7 +313,8 @@ BMT_AVX2 void adam_avx2_impl(const Job& j, int64_t begin, int64_t end, Stats* st
   __m256d sum = _mm256_setzero_pd(), sum_sq = _mm256_setzero_pd();
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
-    const __m256 d = avx2_body<kStats>(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+    const __m256 d = avx2_body<kStats>(j.master, j.exp_avg, j.exp_avg_sq, j.master_out, j.exp_avg_out, j.exp_avg_sq_out,
+                                         j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
     if constexpr (kStats) {
       const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
       sum = _mm256_add_pd(sum, _mm256_add_pd(lo, hi));
@@ -325,7 +332,7 @@ BMT_AVX2 void adam_avx2_impl(const Job& j, int64_t begin, int64_t end, Stats* st
     Tail t;
     tail_load(j, i, end - i, t);
     alignas(32) float d[8];
-    _mm256_store_ps(d, avx2_body<kStats>(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype,
+    _mm256_store_ps(d, avx2_body<kStats>(t.master, t.exp_avg, t.exp_avg_sq, t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype,
                                          j.out ? t.out : nullptr, j.out_dtype, 0, j.h));
     tail_store(j, i, end - i, t);
     if constexpr (kStats)
@@ -381,7 +388,8 @@ BMT_AVX512 inline __m512 avx512_div_bc2(__m512 s, const Hyper& h) {  // as div_b
 
 // Returns the update direction when kStats (else nothing worth reading).
 template <bool kStats>
-BMT_AVX512 inline __m512 avx512_body(float* master, float* ea, float* eas, const void* grad, Dtype gd, void* out,
+BMT_AVX512 inline __m512 avx512_body(const float* master, const float* ea, const float* eas, float* master_o, float* ea_o,
+                                     float* eas_o, const void* grad, Dtype gd, void* out,
                                      Dtype od, int64_t i, const Hyper& h) {
   const __m512 g = _mm512_mul_ps(avx512_load(grad, gd, i), _mm512_set1_ps(h.grad_mul));
   const __m512 p_old = _mm512_loadu_ps(master + i);
@@ -392,9 +400,9 @@ BMT_AVX512 inline __m512 avx512_body(float* master, float* ea, float* eas, const
   v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(h.one_minus_beta2), g), g, _mm512_mul_ps(v, _mm512_set1_ps(h.beta2)));
   const __m512 denom = _mm512_add_ps(avx512_div_bc2(_mm512_sqrt_ps(v), h), _mm512_set1_ps(h.eps));
   const __m512 p = _mm512_sub_ps(p0, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(h.step_size), m), denom));
-  _mm512_storeu_ps(master + i, p);
-  _mm512_storeu_ps(ea + i, m);
-  _mm512_storeu_ps(eas + i, v);
+  _mm512_storeu_ps(master_o + i, p);
+  _mm512_storeu_ps(ea_o + i, m);
+  _mm512_storeu_ps(eas_o + i, v);
   if (out) avx512_store(out, od, i, p);
   if constexpr (kStats)
     return _mm512_fmadd_ps(_mm512_set1_ps(h.weight_decay), p_old,
@@ -407,7 +415,8 @@ BMT_AVX512 void adam_avx512_impl(const Job& j, int64_t begin, int64_t end, Stats
   __m512d sum = _mm512_setzero_pd(), sum_sq = _mm512_setzero_pd();
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
-    const __m512 d = avx512_body<kStats>(j.master, j.exp_avg, j.exp_avg_sq, j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
+    const __m512 d = avx512_body<kStats>(j.master, j.exp_avg, j.exp_avg_sq, j.master_out, j.exp_avg_out, j.exp_avg_sq_out,
+                                             j.grad, j.grad_dtype, j.out, j.out_dtype, i, j.h);
     if constexpr (kStats) {
       const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
       const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
@@ -423,7 +432,8 @@ BMT_AVX512 void adam_avx512_impl(const Job& j, int64_t begin, int64_t end, Stats
     Tail t;
     tail_load(j, i, end - i, t);
     alignas(64) float d[16];
-    _mm512_store_ps(d, avx512_body<kStats>(t.master, t.exp_avg, t.exp_avg_sq, t.grad, j.grad_dtype,
+    _mm512_store_ps(d, avx512_body<kStats>(t.master, t.exp_avg, t.exp_avg_sq, t.master, t.exp_avg, t.exp_avg_sq, t.grad,
+                                           j.grad_dtype,
                                            j.out ? t.out : nullptr, j.out_dtype, 0, j.h));
     tail_store(j, i, end - i, t);
     if constexpr (kStats)
@@ -681,14 +691,26 @@ Dtype parse_dtype(int d, const char* what) {
 Job make_job(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
              uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
              float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
-             float inv_bc1, float weight_decay) {
+             float inv_bc1, float weight_decay, uintptr_t master_out, uintptr_t exp_avg_out,
+             uintptr_t exp_avg_sq_out) {
   if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
   if (n > 0 && (!master || !exp_avg || !exp_avg_sq || !grad))
     throw std::invalid_argument("master, exp_avg, exp_avg_sq and grad pointers must be non-null");
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
-  return Job{reinterpret_cast<float*>(master),
-             reinterpret_cast<float*>(exp_avg),
-             reinterpret_cast<float*>(exp_avg_sq),
+  const int outs = (master_out != 0) + (exp_avg_out != 0) + (exp_avg_sq_out != 0);
+  if (outs != 0 && outs != 3)
+    throw std::invalid_argument("master_out, exp_avg_out and exp_avg_sq_out are given all three (out of place) or none (in place)");
+  if (outs == 0) {
+    master_out = master;
+    exp_avg_out = exp_avg;
+    exp_avg_sq_out = exp_avg_sq;
+  }
+  return Job{reinterpret_cast<const float*>(master),
+             reinterpret_cast<const float*>(exp_avg),
+             reinterpret_cast<const float*>(exp_avg_sq),
+             reinterpret_cast<float*>(master_out),
+             reinterpret_cast<float*>(exp_avg_out),
+             reinterpret_cast<float*>(exp_avg_sq_out),
              reinterpret_cast<const void*>(grad),
              parse_dtype(grad_dtype, "grad"),
              reinterpret_cast<void*>(out),
@@ -700,10 +722,11 @@ Job make_job(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_
 void adam_step(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
                uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
                float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
-               uintptr_t stats, float inv_bc1, float weight_decay) {
+               uintptr_t stats, float inv_bc1, float weight_decay, uintptr_t master_out, uintptr_t exp_avg_out,
+               uintptr_t exp_avg_sq_out) {
   const Job job = make_job(master, exp_avg, exp_avg_sq, grad, grad_dtype, out, out_dtype, n, decay, one_minus_beta1,
                            beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, num_threads, inv_bc1,
-                           weight_decay);
+                           weight_decay, master_out, exp_avg_out, exp_avg_sq_out);
   if (n == 0) return;
   py::gil_scoped_release release;
   run_job(job, n, num_threads, reinterpret_cast<double*>(stats));
@@ -726,11 +749,12 @@ class AdamQueue {
   int64_t submit(uintptr_t master, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, int grad_dtype,
                  uintptr_t out, int out_dtype, int64_t n, float decay, float one_minus_beta1, float beta2,
                  float one_minus_beta2, float eps, float step_size, float bc2_sqrt, float grad_mul, int num_threads,
-                 uintptr_t stats, float inv_bc1, float weight_decay, int64_t priority) {
+                 uintptr_t stats, float inv_bc1, float weight_decay, int64_t priority, uintptr_t master_out,
+                 uintptr_t exp_avg_out, uintptr_t exp_avg_sq_out) {
     check_process("submit");
     Task task{make_job(master, exp_avg, exp_avg_sq, grad, grad_dtype, out, out_dtype, n, decay, one_minus_beta1,
                        beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_mul, num_threads, inv_bc1,
-                       weight_decay),
+                       weight_decay, master_out, exp_avg_out, exp_avg_sq_out),
               n, num_threads, reinterpret_cast<double*>(stats), 0, priority};
     std::lock_guard<std::mutex> lk(mu_);
     if (closed_) throw std::runtime_error("AdamQueue.submit: the queue is closed");
@@ -918,8 +942,10 @@ PYBIND11_MODULE(_cpu_adam, m) {
         py::arg("grad_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("decay"),
         py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"),
         py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_mul"), py::arg("num_threads"),
-        py::arg("stats") = 0, py::arg("inv_bc1") = 1.0f, py::arg("weight_decay") = 0.0f,
-        "Update n elements in place: master/exp_avg/exp_avg_sq (fp32), grad (dtype code), out (0 = none). "
+        py::arg("stats") = 0, py::arg("inv_bc1") = 1.0f, py::arg("weight_decay") = 0.0f, py::arg("master_out") = 0,
+        py::arg("exp_avg_out") = 0, py::arg("exp_avg_sq_out") = 0,
+        "Update n elements: master/exp_avg/exp_avg_sq (fp32) in place, or into master_out/exp_avg_out/exp_avg_sq_out "
+        "(all three or none; the inputs are then only read), grad (dtype code), out (0 = none). "
         "stats (0 = none): two float64 to which the sum and sum of squares of the update direction "
         "m_hat / (sqrt(v_hat) + eps) + weight_decay * p are added.");
   py::class_<AdamQueue>(m, "AdamQueue",
@@ -930,7 +956,7 @@ PYBIND11_MODULE(_cpu_adam, m) {
            py::arg("decay"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),
            py::arg("eps"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("grad_mul"), py::arg("num_threads"),
            py::arg("stats") = 0, py::arg("inv_bc1") = 1.0f, py::arg("weight_decay") = 0.0f,
-           py::arg("priority") = 0,
+           py::arg("priority") = 0, py::arg("master_out") = 0, py::arg("exp_avg_out") = 0, py::arg("exp_avg_sq_out") = 0,
            "Queue an update (adam_step's arguments; the memory must stay valid until it is waited for); "
            "returns its ticket. Queued jobs run the highest priority first, then in submission order.")
       .def("wait", &AdamQueue::wait, py::arg("ticket"),

@@ -37,6 +37,8 @@ class HostJob(NamedTuple):
     grad: torch.Tensor  # 1-D host gradient
     out: torch.Tensor  # 1-D host buffer of the target's dtype (may be ``grad`` itself)
     target: torch.Tensor  # 1-D: where the new values go (device or CPU)
+    # the new master and moments go here instead of over the item's (out of place; C++ chunks only)
+    into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class HostResult(NamedTuple):
@@ -132,15 +134,18 @@ def start_host_update(
         for job in jobs:
             it, n = job.item, job.target.numel()
             native = queue is not None and isinstance(it.scalars, AdamScalars)
+            if job.into is not None and not native:
+                raise ValueError("an out-of-place update (HostJob.into) runs on the C++ queue only")
             for a in range(0, n, chunk_numel):
                 b = min(n, a + chunk_numel)
                 ticket = None
                 if native:
                     assert queue is not None and isinstance(it.scalars, AdamScalars)
                     sl = slice(a, b)
+                    into = None if job.into is None else (job.into[0][sl], job.into[1][sl], job.into[2][sl])
                     ticket = queue.submit(
                         it.master[sl], it.exp_avg[sl], it.exp_avg_sq[sl], job.grad[sl], job.out[sl], it.scalars, it.delta,
-                        priority,
+                        priority, into,
                     )
                 chunks.append(_Chunk(job, a, b, ticket))
     except BaseException:

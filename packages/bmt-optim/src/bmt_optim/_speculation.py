@@ -4,17 +4,18 @@ After a checked backward (a guarded, scaled or clipped ``update_during_backward`
 start only at the step: only then is every rank's gradient known to be finite and the clip
 factor known, so the CPU waits for the whole backward. With ``speculative_fraction=f`` the
 updates of the Blocks whose gradients arrive first (the last layers) start at once anyway, up to
-the fraction ``f`` of the offloaded elements, once their fp32 master and moments are copied to a
-host backup. At the step each such update is kept if it used what the step uses (the same
-scale, learning rate and step number, an unchanged gradient); otherwise (a skipped step, a clip
-that scales the gradients, a gradient edited after its Block's backward, a new learning rate) its
-backup is copied back and it is updated with the rest, from the same host gradient (a
-speculative update writes its new values to a buffer of its own, not over the gradient). Kept or
-redone, the result is the default step's bit for bit.
+the fraction ``f`` of the offloaded elements, out of place: the C++ kernel reads the fp32 master
+and moments and writes the new ones to spare buffers, and the new 16-bit values to a buffer of
+their own (not over the host gradient). At the step each such update is kept if it used what
+the step uses (the same scale, learning rate and step number, an unchanged gradient): its spare
+buffers become the state, and the old state the spares of the next step. Otherwise (a skipped
+step, a clip that scales the gradients, a gradient edited after its Block's backward, a state
+dict taken before the step) it is dropped, the state untouched, and the parameter is updated
+with the rest from the same host gradient. Kept or dropped, the result is the default step's,
+bit for bit, and the CPU moves no more bytes than the update itself.
 
-Costs 14 bytes of host memory per element of the fraction (the backup, 12, and the new values'
-page-locked buffer, 2; allocated at the first checked backward) and, during the backward, a copy
-of that state before its update.
+Costs 14 bytes of host memory per element of the fraction (12 for the spare state, 2 page-locked
+for the new values), allocated for each parameter the first time its update is speculative.
 """
 
 from __future__ import annotations
@@ -29,40 +30,44 @@ from ._host_arena import HostArena
 from ._host_update import Landing
 from .kernels_adam import AdamScalars
 
-__all__ = ["BackupPool", "Saved", "Speculation", "SpeculationStats"]
+__all__ = ["STATE_KEYS", "Saved", "Spare", "SparePool", "Speculation", "SpeculationStats", "keep", "undo"]
+
+STATE_KEYS = ("_param_fp32", "exp_avg", "exp_avg_sq")
+Spare = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a new master, exp_avg, exp_avg_sq
 
 
-class BackupPool:
-    """Host memory for the fp32 state (master, moments) of up to ``capacity`` elements, and for
-    their new 16-bit values (page-locked with ``pin``: they are copied to the device)."""
+class SparePool:
+    """Spare fp32 state and 16-bit output buffers for up to ``capacity`` elements, per parameter
+    (the same parameters speculate every step: the Blocks that arrive first)."""
 
     def __init__(self, capacity: int, pin: bool) -> None:
         self.capacity = capacity
         self._pin = pin
-        self._buf: torch.Tensor | None = None  # allocated at the first use: a step may never speculate
-        self._outs: HostArena | None = None
+        self._outs: HostArena | None = None  # page-locked: the new values are copied to the device
         self._used = 0
+        self._by_param: dict[int, tuple[torch.Tensor, Spare, torch.Tensor]] = {}  # id(p) -> (p, spare, out)
 
-    @property
-    def left(self) -> int:
-        return self.capacity - self._used
-
-    def reset(self) -> None:
-        """A new backward: the backups of the last one are no longer needed."""
-        self._used = 0
-
-    def take(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A ``(3, numel)`` fp32 backup and a 1-D ``dtype`` (16-bit) output buffer, or None when
-        fewer than ``numel`` elements are left."""
-        if numel > self.left:
+    def take(self, p: torch.Tensor) -> tuple[Spare, torch.Tensor] | None:
+        """``p``'s spare state and output buffer, or None when the pool has no room for it."""
+        got = self._by_param.get(id(p))
+        if got is not None and got[0] is p:
+            return got[1], got[2]
+        n = p.numel()
+        if n > self.capacity - self._used:
             return None
-        if self._buf is None or self._outs is None:
-            self._buf = torch.empty(3 * self.capacity, dtype=torch.float32)
+        if self._outs is None:
             self._outs = HostArena([(2 * self.capacity, torch.uint8)], self._pin)
-        backup = self._buf[3 * self._used : 3 * (self._used + numel)].view(3, numel)
-        out = self._outs.view(0)[2 * self._used : 2 * (self._used + numel)].view(dtype)
-        self._used += numel
-        return backup, out
+        out = self._outs.view(0)[2 * self._used : 2 * (self._used + n)].view(p.dtype)
+        self._used += n
+        spare = (torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32),
+                 torch.empty(n, dtype=torch.float32))
+        self._by_param[id(p)] = (p, spare, out)
+        return spare, out
+
+    def give_back(self, p: torch.Tensor, spare: Spare) -> None:
+        """``spare`` (the state ``p`` had before a kept update) is ``p``'s spare from now on."""
+        _, _, out = self._by_param[id(p)]
+        self._by_param[id(p)] = (p, spare, out)
 
     def close(self) -> None:
         if self._outs is not None:
@@ -71,12 +76,12 @@ class BackupPool:
 
 @dataclass
 class Saved:
-    """One parameter whose update started during the backward, and what undoes it."""
+    """One parameter whose update started during the backward."""
 
     param: torch.Tensor
     step: int  # its state's step count before this update
-    new: bool  # its state was created for this update (undo: drop it)
-    backup: torch.Tensor  # (3, numel): master, exp_avg, exp_avg_sq before the update (unused when new)
+    new: bool  # its state was created for this update (dropped: the state goes)
+    spare: Spare  # where the update writes the new master and moments
     scalars: AdamScalars  # what the update used
     delta: torch.Tensor | None  # its record_delta sums
 
@@ -87,38 +92,32 @@ class Speculation:
 
     landing: Landing
     saved: list[Saved]
-    backed_up: bool = False  # set on the feeder thread once every backup is taken (then the update starts)
 
 
 @dataclass
 class SpeculationStats:
     """Elements (this rank) whose update started during a checked backward, kept at the step, and
-    undone (a skipped step, another scale or learning rate, an edited gradient); cumulative."""
+    dropped (a skipped step, another scale or learning rate, an edited gradient); cumulative."""
 
     started: int = 0
     kept: int = 0
     undone: int = 0
 
 
-def back_up(spec: Speculation, state: MutableMapping[torch.Tensor, dict[str, Any]]) -> None:
-    """Copy the state of ``spec``'s parameters to their backups (on the feeder thread, before the
-    update is queued)."""
+def keep(spec: Speculation, state: MutableMapping[torch.Tensor, dict[str, Any]], pool: SparePool) -> None:
+    """The update stands: its new master and moments become the state (the old ones, the spares)."""
     for s in spec.saved:
-        if not s.new:
-            st = state[s.param]
-            for row, key in enumerate(("_param_fp32", "exp_avg", "exp_avg_sq")):
-                s.backup[row].copy_(st[key])
-    spec.backed_up = True
+        st = state[s.param]
+        old = (st[STATE_KEYS[0]], st[STATE_KEYS[1]], st[STATE_KEYS[2]])
+        for key, t in zip(STATE_KEYS, s.spare, strict=True):
+            st[key] = t
+        pool.give_back(s.param, old)
 
 
-def restore(spec: Speculation, state: MutableMapping[torch.Tensor, dict[str, Any]]) -> None:
-    """Undo ``spec``'s updates (each has finished or failed): the state as before them."""
+def undo(spec: Speculation, state: MutableMapping[torch.Tensor, dict[str, Any]]) -> None:
+    """The update is dropped (its chunks have finished or failed): only the step count it took back."""
     for s in spec.saved:
         if s.new:
             state.pop(s.param, None)
-            continue
-        st = state[s.param]
-        st["step"] = s.step
-        if spec.backed_up:
-            for row, key in enumerate(("_param_fp32", "exp_avg", "exp_avg_sq")):
-                st[key].copy_(s.backup[row])
+        else:
+            state[s.param]["step"] = s.step

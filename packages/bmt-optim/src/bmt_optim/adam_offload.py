@@ -39,7 +39,7 @@ Hiding the CPU (all opt-in; the default is 1.0.1's step, where everything happen
   Exact without clipping; with it, to the rounding of the clipped gradient (see the manager).
 - ``speculative_fraction=f`` (with ``overlap_forward``; after a checked backward): the updates of
   the Blocks whose gradients arrive first, up to ``f`` of the elements, start during the
-  backward after a host backup of their state, and ``step`` keeps or undoes them (see
+  backward, out of place (into spare host state), and ``step`` keeps or drops them (see
   ``_speculation``). Exact either way; 14 bytes of host memory per element of ``f``.
 - ``overlap_forward=True`` (implies ``overlap``) with ``update_during_backward``: ``step`` waits
   only for the parameters outside Blocks. The Blocks' updates run newest first (the order the
@@ -98,7 +98,7 @@ from ._host_update import (
     update_from_host,
 )
 from ._offload_pipeline import OffloadItem, OffloadPipeline, UpdateScalars
-from ._speculation import BackupPool, Saved, Speculation, SpeculationStats, back_up, restore
+from ._speculation import Saved, Spare, SparePool, Speculation, SpeculationStats, keep, undo
 from ._torch_adam import TorchAdamArgs, torch_adam_
 from .cpu_adam import (
     CpuAdamBackend,
@@ -226,7 +226,7 @@ class AdamOffloadOptimizer(AdamBase):
         # after a checked backward, up to this fraction of the elements is updated before the
         # step's decision (backed up first, undone if the step differs): the CPU works during the backward
         self.speculative_fraction = float(speculative_fraction)
-        self._backups: BackupPool | None = None  # made at the first checked backward
+        self._spares: SparePool | None = None  # made at the first checked backward
         self.speculation = SpeculationStats()
         self.delay_update = delay_update  # step t's update lands at step t+1 (changes numerics)
         self._chunk_numel = chunk_numel
@@ -430,11 +430,10 @@ class AdamOffloadOptimizer(AdamBase):
             self._eager = _Eager(groups, checks, self._check_scale(scale))
             self._grads.measure = checks.measure
             if self.speculative_fraction and self._adam_queue() is not None:
-                if self._backups is None:
+                if self._spares is None:
                     total = sum(p.numel() for p in self._offloaded())
                     pin = any(p.device.type == "cuda" for p in self._offloaded())
-                    self._backups = BackupPool(int(self.speculative_fraction * total), pin)
-                self._backups.reset()
+                    self._spares = SparePool(int(self.speculative_fraction * total), pin)
                 self._grads.on_copied = self._speculate
             return checks
         self._eager = _Eager(groups)
@@ -475,21 +474,25 @@ class AdamOffloadOptimizer(AdamBase):
         eager: _Eager,
         ready: list[tuple[int, OffloadItem]],
         produced_on: torch.cuda.Stream | None,
-        prepare: Callable[[], None] | None = None,
-        outs: list[torch.Tensor] | None = None,
+        spares: list[tuple[Spare, torch.Tensor]] | None = None,
     ) -> Landing | None:
         """Start the update of parameters whose gradients' copies are queued (``ready``: their
         indices in the gradient stream, and their items), behind the updates started before
-        (``prepare`` first, on the feeder thread; the new values into ``outs``, by default over
-        the host gradients where the dtypes agree). Returns its landing (``overlap_forward``)."""
+        (``spares``: out of place, into each one's spare state and output buffer; by default in
+        place, the new values over the host gradients where the dtypes agree). Returns its
+        landing (``overlap_forward``)."""
         grads = self._grads
         assert grads is not None
         jobs, copies, started = [], [], []
         for k, (i, item) in enumerate(ready):
             p = grads.param(i)
             host, event = grads.copied(i)
-            out = outs[k] if outs is not None else host if host.dtype == p.dtype else self._out_buffer(p)
-            jobs.append(HostJob(item._replace(grad=host), host, out, item.param))  # no reference to the device gradient
+            into = None
+            if spares is not None:
+                into, out = spares[k]
+            else:
+                out = host if host.dtype == p.dtype else self._out_buffer(p)
+            jobs.append(HostJob(item._replace(grad=host), host, out, item.param, into))  # no reference to the device gradient
             copies.append(event)
             started.append(p)
         after = self._queued_readers([job.target for job in jobs], produced_on)
@@ -499,8 +502,6 @@ class AdamOffloadOptimizer(AdamBase):
         priority = self._priority if self.overlap_forward else 0  # newest first: the next forward's order
 
         def feed() -> HostUpdate:
-            if prepare is not None:
-                prepare()
             for e in landed:
                 e.synchronize()  # the gradient is on the host
             return start_host_update(jobs, self._chunk_numel, queue, priority)
@@ -517,10 +518,10 @@ class AdamOffloadOptimizer(AdamBase):
     def _speculate(self, indices: list[int], produced_on: torch.cuda.Stream | None) -> None:
         """A checked backward's gradient-ready hook (after the checks and copies are queued):
         start the update of these parameters now if the backup has room for their state."""
-        eager, grads, pool = self._eager, self._grads, self._backups
+        eager, grads, pool = self._eager, self._grads, self._spares
         assert eager is not None and grads is not None and pool is not None
         saved: list[Saved] = []
-        ready, outs = [], []
+        ready, spares = [], []
         for i in indices:
             p = grads.param(i)
             group, grad = eager.groups.get(id(p)), p.grad
@@ -533,25 +534,21 @@ class AdamOffloadOptimizer(AdamBase):
                 or id(p) in self._on_device
             ):
                 continue
-            taken = pool.take(p.numel(), p.dtype)
+            taken = pool.take(p)
             if taken is None:
                 continue
-            backup, out = taken
             state = self.state[p]
             new, before = not state, int(state.get("step", 0))
             item = self._item(group, p, grad, eager.scale)
             assert isinstance(item.scalars, AdamScalars)
-            saved.append(Saved(p, before, new, backup, item.scalars, item.delta))
+            saved.append(Saved(p, before, new, taken[0], item.scalars, item.delta))
             ready.append((i, item))
-            outs.append(out)
+            spares.append(taken)
         if not ready:
             return
-        spec = Speculation(Landing(concurrent.futures.Future(), {}, []), saved)
-        state_map = self.state
-        landing = self._start_from_copies(eager, ready, produced_on, lambda: back_up(spec, state_map), outs)
+        landing = self._start_from_copies(eager, ready, produced_on, spares)
         assert landing is not None
-        spec.landing = landing
-        eager.speculated.append(spec)
+        eager.speculated.append(Speculation(landing, saved))
         self.speculation.started += sum(s.param.numel() for s in saved)
 
     def _keep_speculation(
@@ -563,7 +560,7 @@ class AdamOffloadOptimizer(AdamBase):
         assert grads is not None
         groups = {id(p): g for g, p, _ in work}
         kept: list[Speculation] = []
-        undo: list[Speculation] = []
+        dropped: list[Speculation] = []
         for spec in eager.speculated:
             same = all(
                 id(s.param) in groups
@@ -571,16 +568,20 @@ class AdamOffloadOptimizer(AdamBase):
                 and self._scalars(groups[id(s.param)], s.step + 1, scale) == s.scalars
                 for s in spec.saved
             )
-            (kept if same else undo).append(spec)
-        eager.speculated = undo
+            (kept if same else dropped).append(spec)
+        eager.speculated = dropped
         self._undo_speculation(eager)  # (no longer self._eager: the step took it)
+        assert self._spares is not None
+        for spec in kept:
+            keep(spec, self.state, self._spares)
         done = {id(s.param) for spec in kept for s in spec.saved}
         self.speculation.kept += sum(s.param.numel() for spec in kept for s in spec.saved)
         return [w for w in work if id(w[1]) not in done], [(s.param, s.delta) for spec in kept for s in spec.saved]
 
     def _undo_speculation(self, eager: _Eager | None = None) -> None:
-        """Undo every speculative update of ``eager`` (default: the current checked backward's):
-        wait for its chunks and copy its backup back (its host gradient is as it was copied)."""
+        """Drop every speculative update of ``eager`` (default: the current checked backward's):
+        wait for its chunks and take back its step count; the state it read is untouched, and its
+        host gradient is as it was copied."""
         eager = eager or self._eager
         if eager is None or not eager.speculated:
             return
@@ -592,7 +593,7 @@ class AdamOffloadOptimizer(AdamBase):
                 spec.landing.fed.result().settle()
             except BaseException as e:  # noqa: BLE001 - the feed failed (start_host_update settled its chunks); raised below
                 error = error or e
-            restore(spec, self.state)
+            undo(spec, self.state)
             self.speculation.undone += sum(s.param.numel() for s in spec.saved)
         if error is not None:
             raise error
@@ -875,9 +876,9 @@ class AdamOffloadOptimizer(AdamBase):
         queue = getattr(self, "_queue", None)
         if queue is not None:
             queue.close()
-        backups = getattr(self, "_backups", None)
-        if backups is not None:
-            backups.close()  # after the queue: no job writes its buffers any more
+        spares = getattr(self, "_spares", None)
+        if spares is not None:
+            spares.close()  # after the queue: no job writes its buffers any more
         grads = getattr(self, "_grads", None)
         if grads is not None:
             grads.close()

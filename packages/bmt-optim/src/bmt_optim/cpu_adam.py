@@ -52,6 +52,8 @@ class _Dtype(int, Enum):
     BF16 = 2
 
 
+Into = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # new master, exp_avg, exp_avg_sq (out of place)
+
 _CODES = {torch.float32: int(_Dtype.F32), torch.float16: int(_Dtype.F16), torch.bfloat16: int(_Dtype.BF16)}
 _FLOATS = tuple(_CODES)
 
@@ -159,6 +161,12 @@ def _native_args(
     )
 
 
+def _into_kwargs(into: Into | None) -> dict[str, int]:
+    """The C++ kernel's out-of-place pointers (0: in place)."""
+    ptrs = (0, 0, 0) if into is None else tuple(t.data_ptr() for t in into)
+    return dict(zip(("master_out", "exp_avg_out", "exp_avg_sq_out"), ptrs, strict=True))
+
+
 def _check_all(
     master: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -166,12 +174,16 @@ def _check_all(
     grad: torch.Tensor,
     out: torch.Tensor | None,
     delta: torch.Tensor | None,
+    into: Into | None = None,
 ) -> None:
     n = master.numel()
     f32 = (torch.float32,)
     _check("master", master, n, f32)
     _check("exp_avg", exp_avg, n, f32)
     _check("exp_avg_sq", exp_avg_sq, n, f32)
+    if into is not None:
+        for name, t in zip(("master", "exp_avg", "exp_avg_sq"), into, strict=True):
+            _check(f"the new {name} (into)", t, n, f32)
     _check("grad", grad, n, _FLOATS)
     if out is not None:
         _check("out", out, n, _FLOATS)
@@ -190,24 +202,30 @@ def cpu_adam_update(
     num_threads: int | None = None,
     backend: CpuAdamBackend | None = None,
     delta: torch.Tensor | None = None,
+    into: Into | None = None,
 ) -> CpuAdamBackend:
     """Update CPU ``master``/moments (fp32) from ``grad`` (fp32/fp16/bf16); write ``out`` if given.
 
     ``backend`` None picks the C++ kernel when built; returns the backend that ran. ``delta``: a
     float64 CPU tensor of 2 elements to which the sum and the sum of squares of the update
     direction ``m_hat / (sqrt(v_hat) + eps) + weight_decay * master`` (the master before this
-    update) are added (the offload optimizer's ``record_delta``).
+    update) are added (the offload optimizer's ``record_delta``). ``into``: the new master and
+    moments go to these three tensors instead (out of place: the inputs are only read).
     """
-    _check_all(master, exp_avg, exp_avg_sq, grad, out, delta)
+    _check_all(master, exp_avg, exp_avg_sq, grad, out, delta, into)
     if backend is None:
         backend = CpuAdamBackend.NATIVE if _native is not None else CpuAdamBackend.TORCH
     if backend is CpuAdamBackend.TORCH:
+        if into is not None:
+            for dst, src in zip(into, (master, exp_avg, exp_avg_sq), strict=True):
+                dst.copy_(src)
+            master, exp_avg, exp_avg_sq = into
         adam_update_torch(master, exp_avg, exp_avg_sq, grad, out, s, delta)
         return backend
     if _native is None:
         raise RuntimeError(f"the C++ CPU Adam is not available: {_native_error}")
     threads = num_threads if num_threads is not None else default_num_threads()
-    _native.adam_step(*_native_args(master, exp_avg, exp_avg_sq, grad, out, s, threads, delta))
+    _native.adam_step(*_native_args(master, exp_avg, exp_avg_sq, grad, out, s, threads, delta), **_into_kwargs(into))
     return backend
 
 
@@ -242,12 +260,14 @@ class CpuAdamQueue:
         s: AdamScalars,
         delta: torch.Tensor | None = None,
         priority: int = 0,
+        into: Into | None = None,
     ) -> int:
-        """Queue one update; queued jobs run the highest ``priority`` first, then in submission order."""
-        _check_all(master, exp_avg, exp_avg_sq, grad, out, delta)
+        """Queue one update; queued jobs run the highest ``priority`` first, then in submission
+        order (``into``: out of place, as ``cpu_adam_update``)."""
+        _check_all(master, exp_avg, exp_avg_sq, grad, out, delta, into)
         args = _native_args(master, exp_avg, exp_avg_sq, grad, out, s, self.num_threads, delta)
-        ticket = int(self._queue.submit(*args, priority=priority))
-        self._alive[ticket] = (master, exp_avg, exp_avg_sq, grad, out, delta)
+        ticket = int(self._queue.submit(*args, priority=priority, **_into_kwargs(into)))
+        self._alive[ticket] = (master, exp_avg, exp_avg_sq, grad, out, delta, *(into or ()))
         return ticket
 
     def wait(self, ticket: int) -> float:
